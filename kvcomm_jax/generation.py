@@ -67,9 +67,10 @@ def decode(params, first_token, first_position, cache: KVCache, stop_ids, key, c
         logits = model.apply({"params": params}, hidden[:, 0], method=Transformer.logits)  # [B, V]
         nxt = sample_next(logits, step_key, sampling)
         count = count + active.astype(jnp.int32)
-        buf = jax.lax.dynamic_update_slice_in_dim(
-            buf, jnp.where(active, nxt, 0)[:, None], jnp.minimum(i + 1, N - 1), axis=1
-        ) if N > 1 else buf
+        slot = jnp.minimum(i + 1, N - 1)  # the last fed token has no slot for its successor
+        previous = jax.lax.dynamic_index_in_dim(buf, slot, axis=1, keepdims=False)  # [B]
+        keep = ~active | (i + 1 >= N)
+        buf = jax.lax.dynamic_update_slice_in_dim(buf, jnp.where(keep, previous, nxt)[:, None], slot, axis=1)
         done = done | (active & ((i + 1 >= N) | is_stop(nxt)))
         return i + 1, buf, count, done, cache, key
 
