@@ -1,0 +1,59 @@
+"""Per-call records and the reuse / TTFT summaries built from them (kvcomm_algorithm.md section 10)."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from typing import Sequence
+
+
+@dataclasses.dataclass
+class CallRecord:
+    """One agent call.
+
+    path: "dense" (full prefill) or "reuse" (corrected cache + one-token forward)
+    prompt_tokens / reused_tokens: prompt length and how many of its KV entries came from reuse
+    ttft_ms: prefill to first token; breakdown_ms: its parts ("prefill" for dense;
+      "matching_offset", "assembly", "forward" for reuse)
+    others_ms: base-cache prefill and prediction done for this call's inputs (not in TTFT)
+    fidelity: for reuse calls when measured: per-layer relative KV error vs dense and
+      whether the first token agrees with the dense prefill's
+    """
+
+    request: int
+    agent_id: int
+    path: str
+    prompt_tokens: int
+    reused_tokens: int
+    ttft_ms: float
+    breakdown_ms: dict
+    others_ms: float
+    first_token: int
+    response_ids: list
+    text: str
+    fidelity: dict | None = None
+
+
+def reuse_rate(records: Sequence[CallRecord]) -> float:
+    """Reuse calls / all agent calls (the paper's definition; decision agent included)."""
+    return sum(r.path == "reuse" for r in records) / len(records) if records else 0.0
+
+
+def token_reuse_rate(records: Sequence[CallRecord]) -> float:
+    """Reused prompt tokens / all prompt tokens."""
+    total = sum(r.prompt_tokens for r in records)
+    return sum(r.reused_tokens for r in records) / total if total else 0.0
+
+
+def ttft_summary(records: Sequence[CallRecord], agent_ids: Sequence[int]) -> dict:
+    """Mean, median and per-agent median TTFT in milliseconds."""
+    values = [r.ttft_ms for r in records]
+    per_agent = []
+    for agent in agent_ids:
+        mine = [r.ttft_ms for r in records if r.agent_id == agent]
+        per_agent.append(statistics.median(mine) if mine else None)
+    return {
+        "mean": statistics.fmean(values) if values else None,
+        "median": statistics.median(values) if values else None,
+        "per_agent": per_agent,
+    }
