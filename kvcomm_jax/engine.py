@@ -129,6 +129,21 @@ class _TemplateKV:
     prefixes: tuple[SegmentKV, ...]
 
 
+@dataclasses.dataclass(frozen=True)
+class PreparedCall:
+    """An agent call's prompt: its ids, placeholder contents, segment layout and cache capacity.
+
+    others_ms: time spent computing base KV of its question/conditions (not part of TTFT).
+    """
+
+    agent_id: int
+    ids: tuple[int, ...]
+    contents: dict
+    layout: list
+    capacity: int
+    others_ms: float = 0.0
+
+
 @jax.jit
 def _layer_relative_errors(a: KVCache, b: KVCache, n):
     """Per-layer ``||a - b||_F / ||b||_F`` over the first ``n`` slots of row 0, keys and values: ``([L], [L])``."""
@@ -289,50 +304,52 @@ class KVCommEngine:
                 return False
         return True
 
-    def _reuse_prefill(self, agent_id: int, contents, layout, ids, capacity, key):
-        """Corrected cache for ``ids[:-1]`` plus a one-token forward. Returns ``(first, cache, breakdown_ms)``."""
-        template_kv = self._template(agent_id)
+    def reuse_prefill(self, call: PreparedCall, key, apply_offsets: bool | None = None):
+        """The reuse path: corrected cache for ``ids[:-1]``, then a one-token forward.
+
+        Returns ``(first_token [1], cache, breakdown_ms)``.
+        """
         start = time.perf_counter()
-        cache = self.build_reuse_cache(agent_id, contents, layout, capacity, template_kv, timings := {})
+        timings = {}
+        cache = self.reuse_cache(call, apply_offsets, timings)
         first, _, cache = prefill(
-            self.model.params, jnp.asarray([[ids[-1]]], jnp.int32), jnp.asarray([[len(ids) - 1]], jnp.int32),
+            self.model.params, jnp.asarray([[call.ids[-1]]], jnp.int32), jnp.asarray([[len(call.ids) - 1]], jnp.int32),
             jnp.ones((1,), jnp.int32), cache, key, self.model.config, self.config.sampling,
         )
         total = (_ready(first) - start) * 1e3
         timings["forward"] = total - timings["matching_offset"] - timings["assembly"]
         return first, cache, timings
 
-    def build_reuse_cache(self, agent_id, contents, layout, capacity, template_kv=None, timings=None) -> KVCache:
-        """The reuse path's cache for all prompt tokens but the last (``lengths = len(prompt) - 1``).
+    def reuse_cache(self, call: PreparedCall, apply_offsets: bool | None = None, timings: dict | None = None) -> KVCache:
+        """The reuse path's cache for all prompt tokens but the last (``lengths = len(ids) - 1``).
 
         Two jitted calls: matching + offsets for every placeholder, then assembly.
-        ``timings`` (a dict), if given, receives their milliseconds.
+        ``apply_offsets`` defaults to the mode (``kvcomm``: True, ``rotate_only``: False);
+        ``timings``, if given, receives their milliseconds.
         """
-        template_kv = template_kv or self._template(agent_id)
-        template = self.templates[agent_id]
+        if apply_offsets is None:
+            apply_offsets = self.config.mode == "kvcomm"
+        template_kv = self._template(call.agent_id)
         inputs = []
-        for i, name in enumerate(template.placeholders):
-            pool, content = self.pools[name], contents[name]
-            deltas = pool.consumers[str(agent_id)]
+        for i, name in enumerate(self.templates[call.agent_id].placeholders):
+            pool, content = self.pools[name], call.contents[name]
+            deltas = pool.consumers[str(call.agent_id)]
             inputs.append(PlaceholderInputs(
                 content=content.base,
                 prefix=template_kv.prefixes[i],
-                content_start=jnp.int32(layout[2 * i + 1][1]),
-                prefix_start=jnp.int32(layout[2 * i + 2][1]),
+                content_start=jnp.int32(call.layout[2 * i + 1][1]),
+                prefix_start=jnp.int32(call.layout[2 * i + 2][1]),
                 anchor_keys=pool.keys, anchor_values=pool.values, anchor_lengths=pool.lengths,
-                usable=jnp.asarray(pool.usable_for(agent_id, len(content.ids))),
+                usable=jnp.asarray(pool.usable_for(call.agent_id, len(content.ids))),
                 ph_keys=deltas.placeholder_keys, ph_values=deltas.placeholder_values,
                 pf_keys=deltas.prefix_keys, pf_values=deltas.prefix_values,
             ))
         t0 = time.perf_counter()
-        corrected = correct_segments(
-            tuple(inputs), self.inv_freq, apply_offsets=self.config.mode == "kvcomm", impl=self.config.impl
-        )
+        corrected = correct_segments(tuple(inputs), self.inv_freq, apply_offsets=apply_offsets, impl=self.config.impl)
         t1 = _ready(corrected)
         segments = [segment for pair in corrected for segment in pair]
-        starts = jnp.asarray([start for _, start, _ in layout[1:]], jnp.int32)
-        total = layout[-1][1] + layout[-1][2]
-        cache = assemble_cache(template_kv.prefix0, segments, starts, jnp.int32(total - 1), capacity=capacity)
+        starts = jnp.asarray([start for _, start, _ in call.layout[1:]], jnp.int32)
+        cache = assemble_cache(template_kv.prefix0, segments, starts, jnp.int32(len(call.ids) - 1), capacity=call.capacity)
         t2 = _ready(cache)
         if timings is not None:
             timings.update(matching_offset=(t1 - t0) * 1e3, assembly=(t2 - t1) * 1e3)
@@ -369,54 +386,60 @@ class KVCommEngine:
         self._observe(name, content)
         return (_ready(content.base.keys) - start) * 1e3
 
-    def run_agent(self, request: Request, agent_id: int) -> CallRecord:
-        """One agent call: prefill (dense or reuse), decode, publish the response. Returns its record."""
+    def prepare_call(self, request: Request, agent_id: int) -> PreparedCall:
+        """Gather the agent's inputs (computing base KV of questions/conditions in reuse modes) and its prompt."""
         if agent_id not in self.templates:
             raise ValueError(f"unknown agent {agent_id} (agents: {sorted(self.templates)})")
         contents = self._contents_for(request, agent_id)
         others_ms = 0.0
         if self.config.mode != "dense":
-            others_ms += sum(self._ensure_base(request, n) for n in contents if placeholder_producer(n) is None or is_condition(n))
+            others_ms = sum(self._ensure_base(request, n) for n in contents if placeholder_producer(n) is None or is_condition(n))
         template = self.templates[agent_id]
-        ids = template.ids({n: c.ids for n, c in contents.items()})
+        ids = tuple(template.ids({n: c.ids for n, c in contents.items()}))
         c = self.model.config
         if len(ids) + self.config.max_new_tokens > c.max_position_embeddings:
             raise ValueError(
                 f"agent {agent_id}: prompt of {len(ids)} tokens + max_new_tokens={self.config.max_new_tokens} "
                 f"exceeds the model's context limit of {c.max_position_embeddings}"
             )
-        layout = template.layout({n: len(cn.ids) for n, cn in contents.items()})
-        buckets = [cn.base.bucket for cn in contents.values() if cn.base is not None]
+        buckets = [bucket_length(len(cn.ids), what=f"placeholder {{{n}}} content") for n, cn in contents.items()]
         if self.config.mode != "dense":
             buckets += [p.bucket for p in self._template(agent_id).prefixes]
-        capacity = self._capacity(len(ids), buckets)
+        layout = template.layout({n: len(cn.ids) for n, cn in contents.items()})
+        return PreparedCall(agent_id, ids, contents, layout, self._capacity(len(ids), buckets), others_ms)
+
+    def run_agent(self, request: Request, agent_id: int) -> CallRecord:
+        """One agent call: prefill (dense or reuse), decode, publish the response. Returns its record."""
+        call = self.prepare_call(request, agent_id)
+        others_ms = call.others_ms
         key = jax.random.fold_in(jax.random.PRNGKey(self.config.sampling.seed), request.index * 4096 + agent_id)
         prefill_key, decode_key = jax.random.split(key)
 
-        reuse = self._can_reuse(agent_id, contents)
+        reuse = self._can_reuse(agent_id, call.contents)
         if reuse:
-            first, cache, breakdown = self._reuse_prefill(agent_id, contents, layout, ids, capacity, prefill_key)
+            first, cache, breakdown = self.reuse_prefill(call, prefill_key)
         else:
-            first, cache, seconds = self._prefill(ids, capacity, prefill_key)
+            first, cache, seconds = self._prefill(call.ids, call.capacity, prefill_key)
             breakdown = {"prefill": seconds * 1e3}
             if self.config.mode != "dense":
                 start = time.perf_counter()
-                self._record_anchors(agent_id, contents, layout, cache)
+                self._record_anchors(agent_id, call.contents, call.layout, cache)
                 others_ms += (_ready(jax.tree.leaves(self.pools)) - start) * 1e3
-        fidelity = self._fidelity(ids, capacity, cache, first, prefill_key) if reuse and self.config.measure_fidelity else None
+        fidelity = self._fidelity(call, cache, first, prefill_key) if reuse and self.config.measure_fidelity else None
 
+        n = len(call.ids)
         out, count, cache = decode(
-            self.model.params, first, jnp.asarray([len(ids)], jnp.int32), cache, self.stop_ids, decode_key,
-            c, self.config.sampling, self.config.max_new_tokens,
+            self.model.params, first, jnp.asarray([n], jnp.int32), cache, self.stop_ids, decode_key,
+            self.model.config, self.config.sampling, self.config.max_new_tokens,
         )
         response = np.asarray(out)[0, : int(count[0])].tolist()
-        others_ms += self._publish_response(request, agent_id, response, len(ids), cache)
+        others_ms += self._publish_response(request, agent_id, response, n, cache)
         record = CallRecord(
             request=request.index,
             agent_id=agent_id,
             path="reuse" if reuse else "dense",
-            prompt_tokens=len(ids),
-            reused_tokens=len(ids) - 1 if reuse else 0,
+            prompt_tokens=n,
+            reused_tokens=n - 1 if reuse else 0,
             ttft_ms=sum(breakdown.values()),
             breakdown_ms=breakdown,
             others_ms=others_ms,
@@ -428,13 +451,21 @@ class KVCommEngine:
         request.records.append(record)
         return record
 
-    def _fidelity(self, ids, capacity, reuse_cache: KVCache, reuse_first, key) -> dict:
-        """Per-layer relative KV error of the reuse cache vs a dense prefill, and first-token agreement."""
-        dense_first, dense_cache, _ = self._prefill(ids, capacity, key)
-        k_err, v_err = _layer_relative_errors(reuse_cache, dense_cache, len(ids) - 1)
+    def _fidelity(self, call: PreparedCall, reuse_cache: KVCache, reuse_first, key) -> dict:
+        """Per-layer relative KV error vs a dense prefill of the same prompt (untimed).
+
+        Reports the cache actually used and, for comparison, the same cache without
+        offsets (rotation only), plus first-token agreement with dense.
+        """
+        dense_first, dense_cache, _ = self._prefill(call.ids, call.capacity, key)
+        n = len(call.ids) - 1
+        k_err, v_err = _layer_relative_errors(reuse_cache, dense_cache, n)
+        k_rot, v_rot = _layer_relative_errors(self.reuse_cache(call, apply_offsets=False), dense_cache, n)
         return {
             "key_error": np.asarray(k_err).tolist(),
             "value_error": np.asarray(v_err).tolist(),
+            "rotate_only_key_error": np.asarray(k_rot).tolist(),
+            "rotate_only_value_error": np.asarray(v_rot).tolist(),
             "first_token_agrees": bool(int(dense_first[0]) == int(reuse_first[0])),
             "dense_first_token": int(dense_first[0]),
         }

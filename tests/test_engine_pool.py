@@ -1,0 +1,121 @@
+"""Anchor pool, matching weights and prediction on hand-made arrays."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvcomm_jax.anchor_pool import add_activations, choose_slot, empty_pool, insert_anchor, record_deltas
+from kvcomm_jax.matching import placeholder_weights, predict, prefix_weights
+
+L, H, D = 2, 1, 4
+
+
+def _kv(value, tokens=8):
+    return jnp.full((L, H, tokens, D), value, jnp.float32)
+
+
+def _pool(capacity=5, tokens=16):
+    return empty_pool(capacity, L, H, D, tokens, jnp.float32)
+
+
+def test_capacity_is_never_exceeded():
+    pool = _pool(capacity=5)
+    for i in range(30):
+        pool, slot = insert_anchor(pool, _kv(i), _kv(i), 8, window=2)
+        assert 0 <= slot < 5
+        assert int(pool.valid.sum()) == min(i + 1, 5)
+        assert pool.keys.shape[0] == 5
+
+
+def test_eviction_takes_least_activated_among_window_oldest():
+    pool = _pool(capacity=4)
+    for i in range(4):
+        pool, _ = insert_anchor(pool, _kv(i), _kv(i), 8, window=3)
+    # ages 0..3 in slots 0..3; the 3 oldest are slots 0, 1, 2
+    pool = add_activations(pool, [5, 1, 3, 0])
+    assert choose_slot(pool, window=3) == 1  # slot 3 has fewer activations but is not among the 3 oldest
+    pool, slot = insert_anchor(pool, _kv(9), _kv(9), 8, window=3)
+    assert slot == 1 and float(pool.keys[1, 0, 0, 0, 0]) == 9.0 and int(pool.activations[1]) == 0
+    # ties go to the oldest
+    tied = add_activations(_pool(capacity=3), [0, 0, 0])
+    for i in range(3):
+        tied, _ = insert_anchor(tied, _kv(i), _kv(i), 8, window=3)
+    assert choose_slot(tied, window=3) == 0
+
+
+def test_eviction_clears_the_evicted_anchors_deltas():
+    pool = _pool(capacity=1)
+    pool, slot = insert_anchor(pool, _kv(1), _kv(1), 8, window=1)
+    pool = record_deltas(pool, slot, 7, _kv(0.5), _kv(0.5), _kv(0.1, 4), _kv(0.1, 4))
+    assert pool.usable_for(7, 8).tolist() == [True]
+    pool, _ = insert_anchor(pool, _kv(2), _kv(2), 8, window=1)
+    assert pool.usable_for(7, 8).tolist() == [False]
+
+
+def test_anchor_without_consumer_deltas_or_too_short_is_not_usable():
+    pool = _pool(capacity=3)
+    pool, a = insert_anchor(pool, _kv(1), _kv(1), 8, window=3)
+    pool, b = insert_anchor(pool, _kv(2), _kv(2), 5, window=3)
+    pool = record_deltas(pool, a, 0, _kv(0), _kv(0), _kv(0, 4), _kv(0, 4))
+    pool = record_deltas(pool, b, 0, _kv(0), _kv(0), _kv(0, 4), _kv(0, 4))
+    assert pool.usable_for(0, 6).tolist() == [True, False, False]  # b is only 5 tokens long
+    assert pool.usable_for(1, 1).tolist() == [False, False, False]  # consumer 1 recorded nothing
+
+
+def test_pool_grows_its_token_axis_for_longer_content():
+    pool = _pool(tokens=16)
+    pool, _ = insert_anchor(pool, _kv(1, 40), _kv(1, 40), 40, window=2)
+    assert pool.token_capacity == 64 and int(pool.lengths[0]) == 40
+
+
+def test_fewer_than_two_long_enough_anchors_means_new_anchor():
+    pool = _pool(capacity=4)
+    becomes, inc, _ = predict(_kv(1), 8, pool.values, pool.lengths, pool.valid, 0.3)
+    assert bool(becomes) and int(inc.sum()) == 0
+    pool, _ = insert_anchor(pool, _kv(1), _kv(1), 8, window=2)
+    pool, _ = insert_anchor(pool, _kv(2), _kv(2), 4, window=2)  # too short for an 8-token content
+    becomes, _, _ = predict(_kv(1), 8, pool.values, pool.lengths, pool.valid, 0.3)
+    assert bool(becomes)
+
+
+def test_low_entropy_content_is_shareable_and_counts_the_top_anchor():
+    pool = _pool(capacity=4)
+    for value in (1.0, 3.0, 6.0):
+        pool, _ = insert_anchor(pool, _kv(value), _kv(value), 8, window=2)
+    becomes, inc, entropy = predict(_kv(1.05), 8, pool.values, pool.lengths, pool.valid, 0.3)
+    assert not bool(becomes) and float(entropy) < 0.01
+    assert inc.tolist() == [1, 0, 0, 0]
+
+
+def test_high_entropy_content_becomes_anchor_and_mass_set_is_counted():
+    pool = _pool(capacity=4)
+    for value in (1.0, 1.0, 1.0):
+        pool, _ = insert_anchor(pool, _kv(value), _kv(value), 8, window=2)
+    becomes, inc, entropy = predict(_kv(1.0), 8, pool.values, pool.lengths, pool.valid, 0.3)
+    assert bool(becomes) and float(entropy) == pytest.approx(np.log2(3), rel=1e-5) and int(inc.sum()) == 0
+    # with gamma above 1 the same content is shareable, and 0.9 of the mass needs all three anchors
+    becomes, inc, _ = predict(_kv(1.0), 8, pool.values, pool.lengths, pool.valid, 1.5)
+    assert not bool(becomes) and inc.tolist() == [1, 1, 1, 0]
+
+
+def test_matching_weights_ignore_unusable_anchors_and_padding():
+    base = _kv(1.0)
+    anchors = jnp.stack([_kv(1.0, 16), _kv(1.0, 16), _kv(50.0, 16)])  # [3, L, H, 16, D]
+    usable = jnp.asarray([True, False, True])
+    w = placeholder_weights(base, anchors, 5, usable)  # [3, 1, 1, 8, 1]
+    assert w.shape == (3, 1, 1, 8, 1)
+    np.testing.assert_allclose(w[:, 0, 0, :5, 0], [[1.0] * 5, [0.0] * 5, [0.0] * 5], atol=1e-6)
+    assert float(jnp.abs(w[:, 0, 0, 5:, 0]).sum()) == 0.0
+    pw = prefix_weights(base, anchors, 5, jnp.asarray([16, 16, 16]), usable)  # [3, L, H, 1, D]
+    assert pw.shape == (3, L, H, 1, D)
+    np.testing.assert_allclose(pw[0], 1.0, atol=1e-6)
+    np.testing.assert_allclose(pw[1], 0.0, atol=1e-6)
+
+
+def test_prefix_weights_compare_against_each_anchors_last_tokens():
+    base = _kv(2.0, 8)
+    first_half_match = jnp.concatenate([_kv(2.0, 4), _kv(9.0, 4)], axis=2)  # matches at its start only
+    last_half_match = jnp.concatenate([_kv(9.0, 4), _kv(2.0, 4)], axis=2)  # matches at its end
+    anchors = jnp.stack([first_half_match, last_half_match])
+    pw = prefix_weights(base, anchors, 4, jnp.asarray([8, 8]), jnp.asarray([True, True]))
+    assert float(pw[1].min()) > 0.99
