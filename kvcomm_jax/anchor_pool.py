@@ -4,9 +4,11 @@ An anchor is one observed content of the placeholder: its base keys (frame 0,
 i.e. de-rotated to position 0) and values over the content, and for every
 consuming agent that has observed it, the deviations ``real - base`` over the
 content and over that agent's prefix segment right after the placeholder.
-Activation counts and ages live in the same pytree. Capacity is exactly ``V``
-slots; the token axis is padded to a bucket that grows (by re-padding) when a
-longer content arrives.
+Activation counts and ages live in the same pytree. At most ``capacity`` (V)
+anchors are ever held; the slot axis starts small and doubles (up to V) as
+anchors arrive, so a young pool costs little memory and matching work, and the
+token axis is padded to a bucket that grows when a longer content arrives.
+Occupied slots always form a prefix: new anchors take the first free slot.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class ConsumerDeltas:
 
 @struct.dataclass
 class AnchorPool:
-    """Anchors of one placeholder.
+    """Anchors of one placeholder (``V`` = allocated slots, at most ``capacity``).
 
     keys, values: ``[V, L, H, T, D]`` base KV of each anchor's content (keys in frame 0)
     lengths:      ``[V]`` int32 content length of each anchor
@@ -58,9 +60,11 @@ class AnchorPool:
     ages: jax.Array
     next_age: jax.Array
     consumers: dict
+    capacity: int = struct.field(pytree_node=False, default=20)
 
     @property
-    def capacity(self) -> int:
+    def slots(self) -> int:
+        """Allocated slots (grows up to ``capacity``)."""
         return self.keys.shape[0]
 
     @property
@@ -76,24 +80,44 @@ class AnchorPool:
         """``[V]`` bool: anchors that may correct a content of ``length`` tokens for ``consumer``."""
         deltas = self.consumers.get(str(consumer))
         if deltas is None:
-            return np.zeros(self.capacity, bool)
+            return np.zeros(self.slots, bool)
         return np.asarray(self.valid) & np.asarray(deltas.present) & (np.asarray(self.lengths) >= length)
 
 
-def empty_pool(capacity: int, num_layers: int, num_kv_heads: int, head_dim: int, tokens: int, dtype) -> AnchorPool:
-    """A pool with ``capacity`` empty slots and a token axis of ``tokens``."""
+def empty_pool(
+    capacity: int, num_layers: int, num_kv_heads: int, head_dim: int, tokens: int, dtype, slots: int | None = None
+) -> AnchorPool:
+    """A pool of at most ``capacity`` anchors with ``slots`` (default: all) allocated, ``tokens`` long."""
     if capacity < 1:
         raise ValueError(f"anchor capacity must be >= 1, got {capacity}")
-    shape = (capacity, num_layers, num_kv_heads, tokens, head_dim)
+    slots = capacity if slots is None else slots
+    if not 1 <= slots <= capacity:
+        raise ValueError(f"allocated slots must be in [1, {capacity}], got {slots}")
+    shape = (slots, num_layers, num_kv_heads, tokens, head_dim)
     return AnchorPool(
         keys=jnp.zeros(shape, dtype),
         values=jnp.zeros(shape, dtype),
-        lengths=jnp.zeros((capacity,), jnp.int32),
-        valid=jnp.zeros((capacity,), bool),
-        activations=jnp.zeros((capacity,), jnp.int32),
-        ages=jnp.zeros((capacity,), jnp.int32),
+        lengths=jnp.zeros((slots,), jnp.int32),
+        valid=jnp.zeros((slots,), bool),
+        activations=jnp.zeros((slots,), jnp.int32),
+        ages=jnp.zeros((slots,), jnp.int32),
         next_age=jnp.zeros((), jnp.int32),
         consumers={},
+        capacity=capacity,
+    )
+
+
+def grow_slots(pool: AnchorPool) -> AnchorPool:
+    """The same pool with twice the allocated slots (at most ``capacity``); new slots are empty."""
+    slots = min(2 * pool.slots, pool.capacity)
+
+    def pad(x):  # every array but next_age has the slot axis first
+        return jnp.pad(x, [(0, slots - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+    return pool.replace(
+        keys=pad(pool.keys), values=pad(pool.values), lengths=pad(pool.lengths), valid=pad(pool.valid),
+        activations=pad(pool.activations), ages=pad(pool.ages),
+        consumers={k: jax.tree.map(pad, c) for k, c in pool.consumers.items()},
     )
 
 
@@ -115,7 +139,8 @@ def ensure_token_capacity(pool: AnchorPool, length: int) -> AnchorPool:
 
 
 def choose_slot(pool: AnchorPool, window: int) -> int:
-    """The slot a new anchor goes to: a free one, else evict among the ``window`` oldest the least activated.
+    """The slot a new anchor goes to: the first free one (``pool.slots`` means "grow first"),
+    else evict among the ``window`` oldest the least activated.
 
     Ties on activation go to the oldest. Bookkeeping on ``[V]`` arrays, done on the host.
     """
@@ -123,6 +148,8 @@ def choose_slot(pool: AnchorPool, window: int) -> int:
     free = np.flatnonzero(~valid)
     if free.size:
         return int(free[0])
+    if pool.slots < pool.capacity:
+        return pool.slots
     ages, activations = np.asarray(pool.ages), np.asarray(pool.activations)
     oldest = np.argsort(ages, kind="stable")[: max(1, window)]
     # lexsort: last key is primary -> lowest activation, then oldest
@@ -154,6 +181,8 @@ def insert_anchor(pool: AnchorPool, keys0, values, length: int, window: int) -> 
     """
     pool = ensure_token_capacity(pool, length)
     slot = choose_slot(pool, window)
+    if slot == pool.slots:
+        pool = grow_slots(pool)
     return _write_anchor(pool, jnp.int32(slot), keys0, values, jnp.int32(length)), slot
 
 

@@ -66,8 +66,9 @@ class EngineConfig:
     anchor_capacity: V, anchors per placeholder; eviction_window: W oldest considered for eviction
     lead_in: short context placed before a question/condition when computing its base KV
     impl: kernel implementation ("auto", "pallas", "interpret", "reference")
-    measure_fidelity: on reuse calls, also run the dense prefill (untimed) and record
-      per-layer KV error and first-token agreement
+    measure_fidelity: on reuse calls, also run the dense prefill of the same prompt (outside
+      the call's TTFT) and record its TTFT, per-layer KV error and first-token agreement
+    ignore_eos: decode exactly ``max_new_tokens`` tokens (fixed-length workloads)
     """
 
     mode: str = "kvcomm"
@@ -79,6 +80,7 @@ class EngineConfig:
     lead_in: str = "The task is:\n\n"
     impl: str = "auto"
     measure_fidelity: bool = False
+    ignore_eos: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -191,7 +193,8 @@ class KVCommEngine:
                 self.consumers.setdefault(name, []).append(agent)
         self.pools: dict[str, AnchorPool] = {}
         self.inv_freq = jnp.asarray(inverse_frequencies(model.config))
-        self.stop_ids = jnp.asarray(sorted(model.tokenizer.eos_ids) or [-1], jnp.int32)
+        stop = [] if config.ignore_eos else sorted(model.tokenizer.eos_ids)
+        self.stop_ids = jnp.asarray(stop or [-1], jnp.int32)
         tok = model.tokenizer
         self._lead_ids = tuple(tok.encode(content_header(model.chat_format)) + tok.encode(config.lead_in))
         self._template_kv: dict[int, _TemplateKV] = {}
@@ -255,6 +258,7 @@ class KVCommEngine:
             self.pools[name] = empty_pool(
                 self.config.anchor_capacity, c.num_layers, c.num_kv_heads, c.head_dim,
                 bucket_length(length, what=f"placeholder {{{name}}} content"), c.jnp_dtype,
+                slots=min(2, self.config.anchor_capacity),
             )
         self.pools[name] = ensure_token_capacity(self.pools[name], length)
         return self.pools[name]
@@ -457,7 +461,7 @@ class KVCommEngine:
         Reports the cache actually used and, for comparison, the same cache without
         offsets (rotation only), plus first-token agreement with dense.
         """
-        dense_first, dense_cache, _ = self._prefill(call.ids, call.capacity, key)
+        dense_first, dense_cache, dense_seconds = self._prefill(call.ids, call.capacity, key)
         n = len(call.ids) - 1
         k_err, v_err = _layer_relative_errors(reuse_cache, dense_cache, n)
         k_rot, v_rot = _layer_relative_errors(self.reuse_cache(call, apply_offsets=False), dense_cache, n)
@@ -468,6 +472,7 @@ class KVCommEngine:
             "rotate_only_value_error": np.asarray(v_rot).tolist(),
             "first_token_agrees": bool(int(dense_first[0]) == int(reuse_first[0])),
             "dense_first_token": int(dense_first[0]),
+            "dense_ttft_ms": dense_seconds * 1e3,
         }
 
     # ------------------------------------------------------------------ pools

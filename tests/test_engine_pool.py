@@ -19,12 +19,15 @@ def _pool(capacity=5, tokens=16):
 
 
 def test_capacity_is_never_exceeded():
-    pool = _pool(capacity=5)
+    pool = empty_pool(5, L, H, D, 16, jnp.float32, slots=1)
+    seen_slots = []
     for i in range(30):
         pool, slot = insert_anchor(pool, _kv(i), _kv(i), 8, window=2)
         assert 0 <= slot < 5
         assert int(pool.valid.sum()) == min(i + 1, 5)
-        assert pool.keys.shape[0] == 5
+        seen_slots.append(pool.slots)
+    assert seen_slots[:6] == [1, 2, 4, 4, 5, 5]  # allocation doubles, capped at the capacity
+    assert max(seen_slots) == 5
 
 
 def test_eviction_takes_least_activated_among_window_oldest():
