@@ -1,0 +1,222 @@
+"""The command line: ``python run.py [generate|perplexity|pipeline|bench-ttft|fidelity] ...``.
+
+With no arguments it runs the main job: a 4-agent GSM8K pipeline, dense and
+KVCOMM side by side, on the default model, writing ``results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from kvcomm_jax.model_registry import DEFAULT_MODEL
+
+MAIN_JOB = [
+    "pipeline", "--task", "gsm8k", "--agents", "4", "--mode", "both", "--limit", "6", "--max-new-tokens", "96",
+    "--json", "results/main.json", "--plot", "results/main_ttft.png",
+]
+
+
+def _positive(name):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}")
+        return value
+
+    return parse
+
+
+def _agents(text):
+    value = _positive("--agents")(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(
+            f"--agents counts the decision agent and must be >= 2 (one worker + the decision agent), got {value}"
+        )
+    return value
+
+
+def _add_model(p):
+    p.add_argument("--model", default=DEFAULT_MODEL, help="known name, .gguf path or Hugging Face directory")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+
+
+def _add_engine(p, gamma):
+    p.add_argument("--gamma", type=float, default=gamma, help="entropy threshold of anchor prediction")
+    p.add_argument("--anchors", type=_positive("--anchors"), default=20, help="anchor capacity V per placeholder")
+    p.add_argument("--window", type=_positive("--window"), default=5, help="eviction window W")
+    p.add_argument("--impl", default="auto", choices=("auto", "pallas", "interpret", "reference"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=64)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat format")
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    _add_model(g)
+
+    p = sub.add_parser("perplexity", help="perplexity of a text")
+    p.add_argument("--text", required=True)
+    p.add_argument("--json")
+    _add_model(p)
+
+    pl = sub.add_parser("pipeline", help="a multi-agent pipeline on a benchmark task")
+    pl.add_argument("--task", required=True, choices=("gsm8k", "mmlu", "humaneval"))
+    pl.add_argument("--agents", type=_agents, default=4, help="agents including the decision agent")
+    pl.add_argument("--mode", default="both", choices=("dense", "kvcomm", "rotate_only", "both", "all"))
+    pl.add_argument("--limit", type=_positive("--limit"), default=10)
+    pl.add_argument("--offset", type=int, default=0)
+    pl.add_argument("--graph", default="full_connected", choices=("full_connected", "chain", "star"))
+    pl.add_argument("--rounds", type=_positive("--rounds"), default=1)
+    pl.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=128)
+    pl.add_argument("--no-fidelity", action="store_true", help="skip the untimed dense check of reuse calls")
+    pl.add_argument("--json")
+    pl.add_argument("--plot")
+    _add_model(pl)
+    _add_engine(pl, gamma=0.3)
+
+    b = sub.add_parser("bench-ttft", help="TTFT benchmark on the CopyMachine workload")
+    b.add_argument("--agents", type=_positive("--agents"), default=5)
+    b.add_argument("--prefix-tokens", type=_positive("--prefix-tokens"), default=512)
+    b.add_argument("--input-tokens", type=_positive("--input-tokens"), default=1024)
+    b.add_argument("--output-tokens", type=_positive("--output-tokens"), default=512)
+    b.add_argument("--samples", type=_positive("--samples"), default=5)
+    b.add_argument("--gamma", type=float, default=1.0)
+    b.add_argument("--impl", default="auto", choices=("auto", "pallas", "interpret", "reference"))
+    b.add_argument("--json")
+    b.add_argument("--plot")
+    _add_model(b)
+    return parser
+
+
+def _generate(args):
+    from kvcomm_jax.model_registry import load_model
+    from kvcomm_jax.sampling import SamplingConfig
+    from kvcomm_jax.text_generation import generate_text
+
+    model = load_model(args.model, args.dtype)
+    result = generate_text(
+        model, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat,
+        sampling=SamplingConfig(args.temperature, args.top_p, args.seed),
+    )
+    print(result.text)
+    print(f"[{result.prompt_tokens} prompt tokens, TTFT {result.ttft_s * 1e3:.1f} ms, {result.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+
+
+def _perplexity(args):
+    from kvcomm_jax.model_registry import load_model
+    from kvcomm_jax.perplexity import perplexity
+    from kvcomm_jax.reporting import check_writable, write_json
+
+    check_writable(args.json, "--json")
+    result = perplexity(load_model(args.model, args.dtype), args.text)
+    print(f"perplexity: {result.perplexity:.4f}")
+    if args.json:
+        write_json(args.json, {"perplexity": result.perplexity, "tokens": result.tokens})
+
+
+def _pipeline(args):
+    from kvcomm_jax.engine import EngineConfig
+    from kvcomm_jax.graphs import make_graph
+    from kvcomm_jax.model_registry import load_model
+    from kvcomm_jax.pipeline import MODE_CHOICES, run_pipeline
+    from kvcomm_jax.reporting import check_writable, pipeline_table, plot_per_agent, write_json
+    from kvcomm_jax.tasks import get_task
+
+    check_writable(args.json, "--json")
+    check_writable(args.plot, "--plot")
+    task = get_task(args.task)
+    graph = make_graph(args.graph, args.agents, task.worker_roles, task.decision_role, args.rounds)
+    examples = task.load(limit=args.limit, offset=args.offset)
+    model = load_model(args.model, args.dtype)
+    config = EngineConfig(
+        gamma=args.gamma, anchor_capacity=args.anchors, eviction_window=args.window,
+        max_new_tokens=args.max_new_tokens, impl=args.impl, measure_fidelity=not args.no_fidelity,
+    )
+    summary, results = run_pipeline(model, task, graph, examples, MODE_CHOICES[args.mode], config)
+    payload = {
+        "task": args.task, "model": model.source, "agents": args.agents, "graph": args.graph, "rounds": args.rounds,
+        "questions": len(examples), "offset": args.offset, "gamma": args.gamma, "anchors": args.anchors,
+        "max_new_tokens": args.max_new_tokens, **summary,
+        "calls": {
+            mode: [
+                {"question": row.example_id, "answer": row.answer, "correct": row.correct,
+                 "records": [{k: v for k, v in vars(r).items() if k not in ("response_ids",)} for r in row.records]}
+                for row in rows
+            ]
+            for mode, rows in results.items()
+        },
+    }
+    print(pipeline_table(summary))
+    if args.json:
+        write_json(args.json, payload)
+        print(f"wrote {args.json}")
+    if args.plot:
+        agents = graph.topological_order()
+        plot_per_agent(
+            args.plot, [f"agent {a + 1}" for a in agents],
+            {mode: m["ttft_ms"]["per_agent"] for mode, m in summary["modes"].items()},
+            f"{args.task}, {args.agents} agents: median TTFT per agent", "TTFT (ms)",
+        )
+        print(f"wrote {args.plot}")
+
+
+def _bench_ttft(args):
+    from kvcomm_jax.bench_ttft import TTFTSettings, run_ttft_benchmark
+    from kvcomm_jax.model_registry import load_model
+    from kvcomm_jax.reporting import check_writable, markdown_table, plot_per_agent, write_json
+
+    check_writable(args.json, "--json")
+    check_writable(args.plot, "--plot")
+    settings = TTFTSettings(
+        agents=args.agents, prefix_tokens=args.prefix_tokens, input_tokens=args.input_tokens,
+        output_tokens=args.output_tokens, samples=args.samples, gamma=args.gamma, impl=args.impl,
+    )
+    result = run_ttft_benchmark(load_model(args.model, args.dtype), settings)
+    rows = [
+        [a["agent"], a["prompt_tokens"], f"{a['dense_ttft_ms']:.1f}", f"{a['kvcomm_ttft_ms']:.1f}",
+         f"{a['speedup']:.2f}x", f"{a['breakdown_ms']['matching_offset'] or 0:.1f}", f"{a['breakdown_ms']['assembly'] or 0:.1f}",
+         f"{a['breakdown_ms']['forward'] or 0:.1f}", f"{a['reused_calls']}/{a['calls']}"]
+        for a in result["agents"]
+    ]
+    print(markdown_table(
+        ["agent", "prompt tokens", "dense TTFT ms", "KVCOMM TTFT ms", "speedup", "matching+offset ms", "assembly ms",
+         "1-token forward ms", "reused"],
+        rows,
+    ))
+    print(f"reuse rate (measured requests): {result['reuse_rate'] * 100:.1f}%")
+    if args.json:
+        write_json(args.json, result)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_per_agent(
+            args.plot, [f"agent {a['agent']}" for a in result["agents"]],
+            {"dense": [a["dense_ttft_ms"] for a in result["agents"]], "KVCOMM": [a["kvcomm_ttft_ms"] for a in result["agents"]]},
+            "CopyMachine: median TTFT per agent", "TTFT (ms)",
+        )
+        print(f"wrote {args.plot}")
+
+
+COMMANDS = {"generate": _generate, "perplexity": _perplexity, "pipeline": _pipeline, "bench-ttft": _bench_ttft}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv or MAIN_JOB)
+    try:
+        COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

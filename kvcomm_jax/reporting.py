@@ -1,0 +1,87 @@
+"""Tables, JSON files and plots for pipeline and benchmark results."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+
+def check_writable(path: str | None, what: str) -> None:
+    """Fail before any work if ``path`` cannot be written (its folder is created if missing)."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path!r} is a directory")
+    probe = f"{path}.tmp"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        raise ValueError(f"{what} {path!r} is not writable: {err.strerror}") from None
+
+
+def write_json(path: str, payload: dict) -> None:
+    """Write ``payload`` atomically (temp file + rename), so a crash never leaves half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _fmt(value, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def pipeline_table(summary: dict) -> str:
+    """One row per mode: accuracy, reuse by calls and tokens, TTFT mean/median and per agent."""
+    rows = []
+    for mode, m in summary["modes"].items():
+        t = m["ttft_ms"]
+        rows.append([
+            mode, _fmt(m["accuracy"] * 100 if m["accuracy"] is not None else None), _fmt(m["reuse_rate"] * 100),
+            _fmt(m["token_reuse_rate"] * 100), _fmt(t["mean"]), _fmt(t["median"]),
+            " / ".join(_fmt(v, ".0f") for v in t["per_agent"]),
+        ])
+    table = markdown_table(
+        ["mode", "accuracy %", "reuse % (calls)", "reuse % (tokens)", "TTFT mean ms", "TTFT median ms", "median TTFT per agent ms"],
+        rows,
+    )
+    for mode, a in summary.get("agreement_by_mode", {}).items():
+        table += (
+            f"\n\n{mode} vs dense: final answer agreement {_fmt(a['final_answer'] and a['final_answer'] * 100)}%, "
+            f"first-token agreement on reuse calls {_fmt(a['first_token'] and a['first_token'] * 100)}% "
+            f"({a['first_token_calls']} calls)"
+        )
+    return table
+
+
+def plot_per_agent(path: str, labels: Sequence[str], series: dict[str, Sequence[float | None]], title: str, ylabel: str) -> None:
+    """Grouped bars: one group per agent, one bar per series (e.g. dense vs KVCOMM TTFT)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(labels), 3.8))
+    width = 0.8 / max(1, len(series))
+    for i, (name, values) in enumerate(series.items()):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
+        bars = ax.bar(xs, [v or 0.0 for v in values], width, label=name)
+        ax.bar_label(bars, labels=[_fmt(v, ".0f") for v in values], fontsize=7, padding=2)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
