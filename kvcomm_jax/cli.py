@@ -7,7 +7,7 @@ KVCOMM side by side, on the default model, writing ``results/``.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 
 from kvcomm_jax.model_registry import DEFAULT_MODEL
@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--no-fidelity", action="store_true", help="skip the untimed dense check of reuse calls")
     pl.add_argument("--json")
     pl.add_argument("--plot")
+    pl.add_argument("--mesh", help="device mesh, e.g. data=2,model=4 (product = number of devices)")
+    pl.add_argument("--save-pool", metavar="DIR", help="save the anchor pools after the run")
+    pl.add_argument("--load-pool", metavar="DIR", help="warm-start from anchor pools saved by --save-pool")
+    pl.add_argument("--coordinator", help="multi-host: coordinator address host:port (or $KVCOMM_COORDINATOR)")
+    pl.add_argument("--num-processes", type=int, help="multi-host: process count (or $KVCOMM_NUM_PROCESSES)")
+    pl.add_argument("--process-id", type=int, help="multi-host: this process's id (or $KVCOMM_PROCESS_ID)")
     _add_model(pl)
     _add_engine(pl, gamma=0.3)
 
@@ -133,8 +139,15 @@ def _pipeline(args):
     from kvcomm_jax.reporting import check_writable, pipeline_table, plot_per_agent, write_json
     from kvcomm_jax.tasks import get_task
 
+    from kvcomm_jax.distributed import maybe_initialize_distributed
+    from kvcomm_jax.sharding import make_mesh
+
     check_writable(args.json, "--json")
     check_writable(args.plot, "--plot")
+    maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    mesh = make_mesh(args.mesh) if args.mesh else None
+    if args.load_pool and not os.path.isdir(args.load_pool):
+        raise ValueError(f"--load-pool {args.load_pool!r} is not a folder")
     task = get_task(args.task)
     graph = make_graph(args.graph, args.agents, task.worker_roles, task.decision_role, args.rounds)
     examples = task.load(limit=args.limit, offset=args.offset)
@@ -143,11 +156,14 @@ def _pipeline(args):
         gamma=args.gamma, anchor_capacity=args.anchors, eviction_window=args.window,
         max_new_tokens=args.max_new_tokens, impl=args.impl, measure_fidelity=not args.no_fidelity,
     )
-    summary, results = run_pipeline(model, task, graph, examples, MODE_CHOICES[args.mode], config)
+    summary, results = run_pipeline(
+        model, task, graph, examples, MODE_CHOICES[args.mode], config,
+        mesh=mesh, load_pool=args.load_pool, save_pool=args.save_pool,
+    )
     payload = {
         "task": args.task, "model": model.source, "agents": args.agents, "graph": args.graph, "rounds": args.rounds,
         "questions": len(examples), "offset": args.offset, "gamma": args.gamma, "anchors": args.anchors,
-        "max_new_tokens": args.max_new_tokens, **summary,
+        "max_new_tokens": args.max_new_tokens, "mesh": args.mesh, **summary,
         "calls": {
             mode: [
                 {"question": row.example_id, "answer": row.answer, "correct": row.correct,

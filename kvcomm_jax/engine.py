@@ -25,21 +25,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvcomm_jax.accounting import CallRecord
-from kvcomm_jax.anchor_pool import (
-    AnchorPool,
-    add_activations,
-    check_pool_shapes,
-    empty_pool,
-    ensure_token_capacity,
-    insert_anchor,
-    record_deltas,
-)
+from kvcomm_jax import anchor_pool, sharding
+from kvcomm_jax.anchor_pool import AnchorPool, add_activations, check_pool_shapes, empty_pool, ensure_token_capacity
 from kvcomm_jax.buckets import bucket_length
 from kvcomm_jax.generation import decode, pad_prompts, prefill
 from kvcomm_jax.kv_cache import KVCache, init_cache
 from kvcomm_jax.matching import predict
 from kvcomm_jax.model_registry import LoadedModel
-from kvcomm_jax.reuse import PlaceholderInputs, assemble_cache, correct_segments
+from kvcomm_jax import reuse
+from kvcomm_jax.reuse import PlaceholderInputs, assemble_cache
 from kvcomm_jax.rope import inverse_frequencies
 from kvcomm_jax.sampling import SamplingConfig
 from kvcomm_jax.segment_kv import SegmentKV, extract_segment, segment_difference
@@ -173,9 +167,20 @@ class KVCommEngine:
       model: a :class:`~kvcomm_jax.model_registry.LoadedModel`.
       prompts: one :class:`~kvcomm_jax.templates.AgentPrompt` per agent.
       config: :class:`EngineConfig`.
+      mesh: optional ``jax.sharding.Mesh`` (see :mod:`kvcomm_jax.sharding`): params, caches
+        and anchor pools are laid out over it and every jitted step keeps those layouts.
+        On a multi-device mesh ``impl="auto"`` uses the jnp reference kernels, which XLA
+        partitions (the Pallas kernels have no partitioning rule).
     """
 
-    def __init__(self, model: LoadedModel, prompts: Sequence[AgentPrompt], config: EngineConfig = EngineConfig()):
+    def __init__(
+        self, model: LoadedModel, prompts: Sequence[AgentPrompt], config: EngineConfig = EngineConfig(), mesh=None
+    ):
+        self.mesh = mesh
+        if mesh is not None:
+            model = dataclasses.replace(model, params=sharding.shard(model.params, sharding.params_shardings(model.config, mesh)))
+            if config.impl == "auto" and mesh.size > 1:
+                config = dataclasses.replace(config, impl="reference")
         self.model = model
         self.config = config
         ids = [p.agent_id for p in prompts]
@@ -232,10 +237,31 @@ class KVCommEngine:
     def _prefill(self, ids: Sequence[int], capacity: int, key):
         """Dense prefill of one prompt: ``(first_token [1], cache, seconds)``."""
         tokens, positions, lengths = pad_prompts([ids])
-        cache = init_cache(self.model.config, 1, capacity)
+        cache = self._place(init_cache(self.model.config, 1, capacity))
         start = time.perf_counter()
         first, _, cache = prefill(self.model.params, tokens, positions, lengths, cache, key, self.model.config, self.config.sampling)
         return first, cache, _ready(first) - start
+
+    def _place(self, tree):
+        """Lay a fresh cache or pool out on the mesh (identity without one)."""
+        if self.mesh is None:
+            return tree
+        rules = sharding.cache_shardings if isinstance(tree, KVCache) else sharding.pool_shardings
+        return sharding.shard(tree, rules(tree, self.mesh))
+
+    def _insert_anchor(self, pool, content: "Content", length: int):
+        args = (pool, content.base.keys, content.base.values, length, self.config.eviction_window)
+        return anchor_pool.insert_anchor(*args) if self.mesh is None else sharding.insert_anchor(*args, self.mesh)
+
+    def _record_deltas(self, pool, slot, agent_id, ph: SegmentKV, pf: SegmentKV):
+        args = (pool, slot, agent_id, ph.keys, ph.values, pf.keys, pf.values)
+        return anchor_pool.record_deltas(*args) if self.mesh is None else sharding.record_deltas(*args, self.mesh)
+
+    def _correct_segments(self, inputs, apply_offsets: bool):
+        options = dict(apply_offsets=apply_offsets, impl=self.config.impl)
+        if self.mesh is None:
+            return reuse.correct_segments(inputs, self.inv_freq, **options)
+        return sharding.correct_segments(inputs, self.inv_freq, self.mesh, **options)
 
     def _template(self, agent_id: int) -> _TemplateKV:
         """Prefill the agent's template (dummies in the placeholders) once; keep its prefix segments."""
@@ -255,12 +281,13 @@ class KVCommEngine:
     def _pool(self, name: str, length: int) -> AnchorPool:
         c = self.model.config
         if name not in self.pools:
-            self.pools[name] = empty_pool(
+            self.pools[name] = self._place(empty_pool(
                 self.config.anchor_capacity, c.num_layers, c.num_kv_heads, c.head_dim,
                 bucket_length(length, what=f"placeholder {{{name}}} content"), c.jnp_dtype,
                 slots=min(2, self.config.anchor_capacity),
-            )
-        self.pools[name] = ensure_token_capacity(self.pools[name], length)
+            ))
+        if length > self.pools[name].token_capacity:
+            self.pools[name] = self._place(ensure_token_capacity(self.pools[name], length))
         return self.pools[name]
 
     def _observe(self, name: str, content: Content) -> None:
@@ -349,7 +376,7 @@ class KVCommEngine:
                 pf_keys=deltas.prefix_keys, pf_values=deltas.prefix_values,
             ))
         t0 = time.perf_counter()
-        corrected = correct_segments(tuple(inputs), self.inv_freq, apply_offsets=apply_offsets, impl=self.config.impl)
+        corrected = self._correct_segments(tuple(inputs), apply_offsets)
         t1 = _ready(corrected)
         segments = [segment for pair in corrected for segment in pair]
         starts = jnp.asarray([start for _, start, _ in call.layout[1:]], jnp.int32)
@@ -374,8 +401,8 @@ class KVCommEngine:
             pf = segment_difference(real_prefix, prefix_base)
             pool = self._pool(name, c_len)
             if content.slot is None:
-                pool, content.slot = insert_anchor(pool, content.base.keys, content.base.values, c_len, self.config.eviction_window)
-            self.pools[name] = record_deltas(pool, content.slot, agent_id, ph.keys, ph.values, pf.keys, pf.values)
+                pool, content.slot = self._insert_anchor(pool, content, c_len)
+            self.pools[name] = self._record_deltas(pool, content.slot, agent_id, ph, pf)
 
     def _publish_response(self, request: Request, agent_id: int, response: list[int], prompt_len: int, cache) -> float:
         """Make the response the content of ``{agent_<id>_current}``; in reuse modes, its KV is the base."""
@@ -485,4 +512,4 @@ class KVCommEngine:
             check_pool_shapes(pool, c.num_layers, c.num_kv_heads, c.head_dim, name)
             if pool.keys.dtype != c.jnp_dtype:
                 raise ValueError(f"anchor pool {name!r} has dtype {pool.keys.dtype}, the model uses {c.dtype}")
-        self.pools = dict(pools)
+        self.pools = {name: self._place(pool) for name, pool in pools.items()}

@@ -9,6 +9,7 @@ dense.
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 from typing import Sequence
 
@@ -18,6 +19,7 @@ from kvcomm_jax.accounting import CallRecord, reuse_rate, token_reuse_rate, ttft
 from kvcomm_jax.engine import EngineConfig, KVCommEngine
 from kvcomm_jax.graphs import AgentGraph
 from kvcomm_jax.model_registry import LoadedModel
+from kvcomm_jax.persistence import load_pools, model_fingerprint, save_pools
 from kvcomm_jax.tasks import Example, Task
 from kvcomm_jax.templates import AgentPrompt, condition_placeholder
 
@@ -104,17 +106,34 @@ def run_pipeline(
     modes: Sequence[str],
     config: EngineConfig,
     progress: bool = True,
+    mesh=None,
+    load_pool: str | None = None,
+    save_pool: str | None = None,
 ) -> tuple[dict, dict[str, list[QuestionResult]]]:
-    """Run ``examples`` through ``graph`` in each mode. Returns ``(summary, results per mode)``."""
+    """Run ``examples`` through ``graph`` in each mode. Returns ``(summary, results per mode)``.
+
+    ``load_pool`` / ``save_pool``: a folder holding one anchor-pool checkpoint per
+    non-dense mode (``<folder>/<mode>``), restored before the first question and saved
+    after the last, so a later job can warm-start from this one's anchors.
+    """
     prompts = agent_prompts(task, graph)
     engines = {
-        mode: KVCommEngine(model, prompts, dataclasses.replace(config, mode=mode, lead_in=task.context_lead_in))
+        mode: KVCommEngine(model, prompts, dataclasses.replace(config, mode=mode, lead_in=task.context_lead_in), mesh=mesh)
         for mode in modes
     }
+    fingerprint = model_fingerprint(model.config)
+    if load_pool:
+        for mode, engine in engines.items():
+            if mode != "dense":
+                engine.set_pools(load_pools(os.path.join(load_pool, mode), fingerprint, shardings=mesh))
     results: dict[str, list[QuestionResult]] = {mode: [] for mode in modes}
     for example in tqdm(examples, desc=f"{task.name} ({'+'.join(modes)})", unit="question", disable=not progress):
         for mode, engine in engines.items():
             results[mode].append(run_question(engine, task, graph, example))
+    if save_pool:
+        for mode, engine in engines.items():
+            if mode != "dense":
+                save_pools(os.path.join(save_pool, mode), engine.pools, fingerprint)
     summary = summarize(results, graph.topological_order())
     non_dense = [m for m in modes if m != "dense"]
     summary["agreement"] = summary["agreement_by_mode"].get(non_dense[0], {}) if non_dense else {}
