@@ -239,7 +239,9 @@ class KVCommEngine:
         tokens, positions, lengths = pad_prompts([ids])
         cache = self._place(init_cache(self.model.config, 1, capacity))
         start = time.perf_counter()
-        first, _, cache = prefill(self.model.params, tokens, positions, lengths, cache, key, self.model.config, self.config.sampling)
+        first, _, cache = prefill(
+            self.model.params, tokens, positions, lengths, cache, key, self.model.config, self.config.sampling, fresh=True
+        )
         return first, cache, _ready(first) - start
 
     def _place(self, tree):

@@ -24,13 +24,16 @@ from kvcomm_jax.model_config import ModelConfig
 from kvcomm_jax.sampling import SamplingConfig, sample_next
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampling"))
-def prefill(params, tokens, positions, num_new, cache: KVCache, key, config: ModelConfig, sampling: SamplingConfig):
+@functools.partial(jax.jit, static_argnames=("config", "sampling", "fresh"))
+def prefill(
+    params, tokens, positions, num_new, cache: KVCache, key, config: ModelConfig, sampling: SamplingConfig, fresh: bool = False
+):
     """Run ``tokens [B, T]`` (``num_new [B]`` valid per row) and sample the next token.
 
+    ``fresh``: the cache is empty (see :func:`kvcomm_jax.model.forward`).
     Returns ``(first_token [B] int32, last_logits [B, V] float32, cache)``.
     """
-    logits, cache = forward_last(params, tokens, positions, cache, config, num_new)
+    logits, cache = forward_last(params, tokens, positions, cache, config, num_new, fresh)
     return sample_next(logits, key, sampling), logits, cache
 
 
@@ -149,7 +152,7 @@ def generate(
     stop = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
 
     start = time.perf_counter()
-    first, logits, cache = prefill(params, tokens, positions, lengths, cache, prefill_key, config, sampling)
+    first, logits, cache = prefill(params, tokens, positions, lengths, cache, prefill_key, config, sampling, fresh=True)
     first.block_until_ready()
     ttft = time.perf_counter() - start
     out, counts, cache = decode(params, first, lengths, cache, stop, decode_key, config, sampling, max_new_tokens)

@@ -37,11 +37,18 @@ def _write_rows(cache_layer, new, starts):
 
 
 class Attention(nn.Module):
+    """Grouped-query attention that writes its new keys/values into the layer's cache.
+
+    ``fresh``: the cache holds nothing yet (a prefill from scratch), so the tokens attend
+    to their own keys only (``[T, T]`` scores) instead of to all ``S`` slots.
+    """
+
     config: ModelConfig
+    fresh: bool = False
 
     @nn.compact
     def __call__(self, x, k_cache, v_cache, positions, starts, mask):
-        """x ``[B, T, E]``; caches ``[B, H, S, D]``; positions ``[B, T]``; starts ``[B]``; mask ``[B, T, S]``."""
+        """x ``[B, T, E]``; caches ``[B, H, S, D]``; positions ``[B, T]``; starts ``[B]``; mask ``[B, T, S or T]``."""
         c = self.config
         B, T, _ = x.shape
         D, Hq, Hkv = c.head_dim, c.num_heads, c.num_kv_heads
@@ -59,13 +66,14 @@ class Attention(nn.Module):
         k_cache = _write_rows(k_cache, k.astype(k_cache.dtype), starts)  # [B, Hkv, S, D]
         v_cache = _write_rows(v_cache, v.astype(v_cache.dtype), starts)
 
+        keys, values = (k, v) if self.fresh else (k_cache, v_cache)  # [B, Hkv, S or T, D]
         q = q.reshape(B, Hkv, Hq // Hkv, T, D)  # [B, Hkv, G, T, D]
         scores = jnp.einsum(
-            "bhgtd,bhsd->bhgts", q.astype(jnp.float32), k_cache.astype(jnp.float32)
+            "bhgtd,bhsd->bhgts", q.astype(jnp.float32), keys.astype(jnp.float32)
         ) / jnp.sqrt(jnp.float32(D))  # [B, Hkv, G, T, S]
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
-        out = jnp.einsum("bhgts,bhsd->bhgtd", probs, v_cache.astype(jnp.float32))  # [B, Hkv, G, T, D]
+        out = jnp.einsum("bhgts,bhsd->bhgtd", probs, values.astype(jnp.float32))  # [B, Hkv, G, T, D]
         out = out.reshape(B, Hq, T, D).swapaxes(1, 2).reshape(B, T, Hq * D).astype(x.dtype)
         return dense(c.hidden_size, use_bias=False, name="o_proj")(out), k_cache, v_cache
 
@@ -84,11 +92,12 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     config: ModelConfig
+    fresh: bool = False
 
     @nn.compact
     def __call__(self, x, k_cache, v_cache, positions, starts, mask):
         c = self.config
-        attn_out, k_cache, v_cache = Attention(c, name="attn")(
+        attn_out, k_cache, v_cache = Attention(c, self.fresh, name="attn")(
             RMSNorm(c.rms_norm_eps, name="attn_norm")(x), k_cache, v_cache, positions, starts, mask
         )
         x = x + attn_out
@@ -97,9 +106,13 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Embedding, ``L`` scanned decoder layers, final norm; ``logits`` maps hidden states to the vocabulary."""
+    """Embedding, ``L`` scanned decoder layers, final norm; ``logits`` maps hidden states to the vocabulary.
+
+    ``fresh=True`` promises an empty cache (lengths 0): attention then spans only the new tokens.
+    """
 
     config: ModelConfig
+    fresh: bool = False
 
     def setup(self):
         c = self.config
@@ -110,7 +123,7 @@ class Transformer(nn.Module):
             split_rngs={"params": True},
             in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_layers,
-        )(c)
+        )(c, self.fresh)
         self.final_norm = RMSNorm(c.rms_norm_eps)
         if not c.tie_embeddings:
             self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=c.jnp_dtype, param_dtype=c.jnp_dtype)
@@ -121,7 +134,8 @@ class Transformer(nn.Module):
         S = cache.capacity
         starts = cache.lengths  # [B]
         query_slots = starts[:, None] + jnp.arange(T)[None, :]  # [B, T]
-        mask = jnp.arange(S)[None, None, :] <= query_slots[:, :, None]  # [B, T, S]
+        visible = T if self.fresh else S
+        mask = jnp.arange(visible)[None, None, :] <= query_slots[:, :, None]  # [B, T, S] ([B, T, T] when fresh)
         x = self.embed(tokens)
         x, (keys, values) = self.layers(x, cache.keys, cache.values, positions, starts, mask)
         new_positions = jax.vmap(lambda p, new, s: jax.lax.dynamic_update_slice_in_dim(p, new, s, axis=0))(
@@ -149,8 +163,8 @@ def _check_capacity(tokens, cache: KVCache):
         raise ValueError(f"tokens batch {tokens.shape[0]} != cache batch {cache.batch}")
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def forward(params, tokens, positions, cache: KVCache, config: ModelConfig, num_new=None):
+@functools.partial(jax.jit, static_argnames=("config", "fresh"))
+def forward(params, tokens, positions, cache: KVCache, config: ModelConfig, num_new=None, fresh: bool = False):
     """The model as a pure function.
 
     Args:
@@ -160,6 +174,8 @@ def forward(params, tokens, positions, cache: KVCache, config: ModelConfig, num_
       cache: a :class:`KVCache` with capacity ``S >= lengths + T``; the tokens are written
         to slots ``[lengths[b], lengths[b] + T)`` and attend to every slot before them.
       num_new: int32 ``[B]``, defaults to ``T`` for every row.
+      fresh: the caller promises the cache is empty; attention then costs ``T x T``
+        instead of ``T x S`` (a prefill from scratch).
 
     Returns:
       ``(logits [B, T, V] float32, cache)`` with ``cache.lengths += num_new``.
@@ -167,19 +183,19 @@ def forward(params, tokens, positions, cache: KVCache, config: ModelConfig, num_
     _check_capacity(tokens, cache)
     if num_new is None:
         num_new = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
-    model = Transformer(config)
+    model = Transformer(config, fresh)
     hidden, cache = model.apply({"params": params}, tokens, positions, cache, num_new)
     return model.apply({"params": params}, hidden, method=Transformer.logits), cache
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def forward_last(params, tokens, positions, cache: KVCache, config: ModelConfig, num_new):
+@functools.partial(jax.jit, static_argnames=("config", "fresh"))
+def forward_last(params, tokens, positions, cache: KVCache, config: ModelConfig, num_new, fresh: bool = False):
     """Like :func:`forward` but returns only the logits of each row's last valid token, ``[B, V]``.
 
     Saves the vocabulary projection of every other token during prefill.
     """
     _check_capacity(tokens, cache)
-    model = Transformer(config)
+    model = Transformer(config, fresh)
     hidden, cache = model.apply({"params": params}, tokens, positions, cache, num_new)  # [B, T, E]
     last = jnp.take_along_axis(hidden, (num_new - 1)[:, None, None], axis=1)[:, 0]  # [B, E]
     return model.apply({"params": params}, last, method=Transformer.logits), cache

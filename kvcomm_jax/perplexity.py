@@ -35,7 +35,7 @@ class PerplexityResult:
 def mean_nll(params, tokens, positions, num_tokens, config: ModelConfig):
     """Mean next-token NLL (float32 ``[B]``) of ``tokens [B, T]`` whose first ``num_tokens [B]`` are valid."""
     B, T = tokens.shape
-    logits, _ = forward(params, tokens, positions, init_cache(config, B, T), config, num_tokens)  # [B, T, V]
+    logits, _ = forward(params, tokens, positions, init_cache(config, B, T), config, num_tokens, fresh=True)  # [B, T, V]
     logits = logits[:, :-1]  # position t predicts token t + 1
     target = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
     nll = jax.nn.logsumexp(logits, axis=-1) - target  # [B, T-1]

@@ -56,7 +56,7 @@ def run_once(model: LoadedModel, ids: list[int], new_tokens: int) -> dict[str, f
 
     with CompileCounter() as prefill_compiles:
         start = time.perf_counter()
-        first, _, cache = jax.block_until_ready(prefill(params, tokens, positions, lengths, cache, key, config, GREEDY))
+        first, _, cache = jax.block_until_ready(prefill(params, tokens, positions, lengths, cache, key, config, GREEDY, fresh=True))
         prefill_s = time.perf_counter() - start
     with CompileCounter() as decode_compiles:
         start = time.perf_counter()

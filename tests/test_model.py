@@ -142,3 +142,15 @@ def test_bad_prompts_raise_clear_errors():
         generate(params, config, [_tokens(510)], max_new_tokens=4)
     with pytest.raises(ValueError, match="missing"):
         check_param_shapes(config, {"embed": {}})
+
+
+def test_fresh_prefill_equals_prefill_over_the_whole_cache():
+    config = CONFIGS["qwen3"]
+    params = init_params(config, seed=2)
+    ids = jnp.asarray([_tokens(11, 4)])
+    positions = jnp.arange(11)[None]
+    full, cache_full = forward(params, ids, positions, init_cache(config, 1, 64), config)
+    fresh, cache_fresh = forward(params, ids, positions, init_cache(config, 1, 64), config, fresh=True)
+    np.testing.assert_allclose(fresh, full, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cache_fresh.keys, cache_full.keys, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(cache_fresh.lengths, cache_full.lengths)
