@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 
-import jax.numpy as jnp
 import numpy as np
 
 from kvcomm_jax.model_config import ModelConfig
+from pallas_kernels.rotation import rope as apply_rope  # the one rotate-half implementation
+
+__all__ = ["apply_rope", "inverse_frequencies"]
 
 
 def inverse_frequencies(config: ModelConfig) -> np.ndarray:
@@ -31,18 +33,3 @@ def inverse_frequencies(config: ModelConfig) -> np.ndarray:
         medium = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
         inv_freq = np.where(medium, (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq, scaled)
     return inv_freq.astype(np.float32)
-
-
-def apply_rope(x: jnp.ndarray, amounts: jnp.ndarray, inv_freq) -> jnp.ndarray:
-    """Rotate ``x [..., T, D]`` by ``amounts [..., T]`` (broadcastable) positions.
-
-    Math in float32, result cast back to ``x.dtype`` once. Used both to embed
-    positions into fresh queries/keys and to move cached keys by a delta.
-    """
-    half = x.shape[-1] // 2
-    angles = amounts.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [..., T, D/2]
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    xf = x.astype(jnp.float32)
-    x1, x2 = xf[..., :half], xf[..., half:]
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return rotated.astype(x.dtype)

@@ -27,8 +27,8 @@ from pallas_kernels import dispatch
 
 
 def rope_tables(amounts: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos and sin of ``amounts[t] * inv_freq[c]``: float32 ``[T, D/2]`` each."""
-    angle = amounts.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
+    """cos and sin of ``amounts[..., t] * inv_freq[c]``: float32 ``[..., T, D/2]`` each."""
+    angle = amounts.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [..., T, D/2]
     return jnp.cos(angle), jnp.sin(angle)
 
 
@@ -38,9 +38,13 @@ def rope_halves(x1, x2, cos, sin):
 
 
 def rope(x: jax.Array, amounts: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """``x [..., T, D]`` with every token t rotated by ``amounts[t]``, in ``x.dtype``."""
+    """``x [..., T, D]`` with every token t rotated by ``amounts[..., t]``, in ``x.dtype``.
+
+    ``amounts`` is ``[T]`` or any shape that broadcasts against ``x[..., 0]`` (for example
+    ``[B, 1, T]`` positions for ``[B, H, T, D]`` queries). Math in float32, one cast back.
+    """
     half = x.shape[-1] // 2
-    cos, sin = rope_tables(amounts, inv_freq)  # [T, D/2]
+    cos, sin = rope_tables(amounts, inv_freq)  # [..., T, D/2]
     xf = x.astype(jnp.float32)  # [..., T, D]
     r1, r2 = rope_halves(xf[..., :half], xf[..., half:], cos, sin)  # [..., T, D/2] each
     return jnp.concatenate([r1, r2], axis=-1).astype(x.dtype)

@@ -15,11 +15,11 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
-from kvcomm_jax import sandbox
+from kvcomm_jax import sandbox, templates
 from kvcomm_jax.tasks import data
 from kvcomm_jax.tasks.data import Example
 
-QUESTION_PLACEHOLDER = "{user_question}"
+QUESTION_PLACEHOLDER = "{" + templates.QUESTION + "}"
 CONDITION_MAX_CHARS = 600
 
 # (agent_id, role, has_condition) of one predecessor, as passed to `Task.user_template`.
@@ -31,12 +31,12 @@ _PYTHON_TAGS = ("python", "python3", "py")
 
 def agent_placeholder(agent_id: int) -> str:
     """``{agent_<id>_current}``: agent `agent_id`'s response this round."""
-    return f"{{agent_{agent_id}_current}}"
+    return "{" + templates.response_placeholder(agent_id) + "}"
 
 
 def condition_placeholder(agent_id: int) -> str:
     """``{condition_<id>_current}``: the tool result of agent `agent_id`'s response."""
-    return f"{{condition_{agent_id}_current}}"
+    return "{" + templates.condition_placeholder(agent_id) + "}"
 
 
 def extract_code(text: str) -> str:
