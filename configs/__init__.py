@@ -1,0 +1,1 @@
+"""Experiment configurations: plain modules whose ``config()`` returns a frozen dataclass."""

@@ -10,12 +10,9 @@ import argparse
 import os
 import sys
 
+from configs import main_job, paper_ttft
 from kvcomm_jax.model_registry import DEFAULT_MODEL
 
-MAIN_JOB = [
-    "pipeline", "--task", "gsm8k", "--agents", "4", "--mode", "both", "--limit", "6", "--max-new-tokens", "96",
-    "--json", "results/main.json", "--plot", "results/main_ttft.png",
-]
 
 
 def _positive(name):
@@ -91,13 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(pl)
     _add_engine(pl, gamma=0.3)
 
-    b = sub.add_parser("bench-ttft", help="TTFT benchmark on the CopyMachine workload")
-    b.add_argument("--agents", type=_positive("--agents"), default=5)
-    b.add_argument("--prefix-tokens", type=_positive("--prefix-tokens"), default=512)
-    b.add_argument("--input-tokens", type=_positive("--input-tokens"), default=1024)
-    b.add_argument("--output-tokens", type=_positive("--output-tokens"), default=512)
-    b.add_argument("--samples", type=_positive("--samples"), default=5)
-    b.add_argument("--gamma", type=float, default=1.0)
+    paper = paper_ttft.config()
+    b = sub.add_parser("bench-ttft", help="TTFT benchmark on the CopyMachine workload (defaults: the paper's setting)")
+    b.add_argument("--agents", type=_positive("--agents"), default=paper.agents)
+    b.add_argument("--prefix-tokens", type=_positive("--prefix-tokens"), default=paper.prefix_tokens)
+    b.add_argument("--input-tokens", type=_positive("--input-tokens"), default=paper.input_tokens)
+    b.add_argument("--output-tokens", type=_positive("--output-tokens"), default=paper.output_tokens)
+    b.add_argument("--samples", type=_positive("--samples"), default=paper.samples)
+    b.add_argument("--gamma", type=float, default=paper.gamma)
     b.add_argument("--impl", default="auto", choices=("auto", "pallas", "interpret", "reference"))
     b.add_argument("--json")
     b.add_argument("--plot")
@@ -229,7 +227,9 @@ COMMANDS = {"generate": _generate, "perplexity": _perplexity, "pipeline": _pipel
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv or MAIN_JOB)
+    if not argv:
+        argv = main_job.config().argv()
+    args = parser.parse_args(argv)
     try:
         COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError) as err:
