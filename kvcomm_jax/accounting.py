@@ -13,8 +13,9 @@ class CallRecord:
 
     path: "dense" (full prefill) or "reuse" (corrected cache + one-token forward)
     prompt_tokens / reused_tokens: prompt length and how many of its KV entries came from reuse
-    ttft_ms: prefill to first token; breakdown_ms: its parts ("prefill" for dense;
-      "matching_offset", "assembly", "forward" for reuse)
+    ttft_ms: prefill to first token, warm (compilation excluded); breakdown_ms: its parts
+      ("prefill" for dense; "matching_offset", "assembly", "forward" for reuse)
+    compile_ms: time the call spent compiling new programs, reported apart from TTFT
     others_ms: base-cache prefill and prediction done for this call's inputs (not in TTFT)
     fidelity: for reuse calls when measured: per-layer relative KV error vs dense and
       whether the first token agrees with the dense prefill's
@@ -27,6 +28,7 @@ class CallRecord:
     reused_tokens: int
     ttft_ms: float
     breakdown_ms: dict
+    compile_ms: float
     others_ms: float
     first_token: int
     response_ids: list

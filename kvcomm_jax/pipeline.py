@@ -81,6 +81,7 @@ def summarize(results: dict[str, list[QuestionResult]], agent_ids: Sequence[int]
             "token_reuse_rate": token_reuse_rate(records),
             "ttft_ms": ttft_summary(records, agent_ids),
             "calls": len(records),
+            "compile_s": sum(r.compile_ms for r in records) / 1e3,  # excluded from the TTFTs above
             "correct": [row.correct for row in rows],
         }
     agreement = {}
