@@ -16,7 +16,6 @@ re-positioned, never corrected).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Sequence
 
@@ -24,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvcomm_jax import anchor_pool, reuse, sharding
 from kvcomm_jax.accounting import CallRecord
-from kvcomm_jax import anchor_pool, sharding
 from kvcomm_jax.anchor_pool import AnchorPool, add_activations, check_pool_shapes, empty_pool, ensure_token_capacity
 from kvcomm_jax.buckets import bucket_length
 from kvcomm_jax.compile_counter import CompileCounter
@@ -33,7 +32,6 @@ from kvcomm_jax.generation import decode, pad_prompts, prefill
 from kvcomm_jax.kv_cache import KVCache, init_cache
 from kvcomm_jax.matching import predict
 from kvcomm_jax.model_registry import LoadedModel
-from kvcomm_jax import reuse
 from kvcomm_jax.reuse import PlaceholderInputs, assemble_cache
 from kvcomm_jax.rope import inverse_frequencies
 from kvcomm_jax.sampling import SamplingConfig

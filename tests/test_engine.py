@@ -1,10 +1,8 @@
 """The KVCOMM engine end to end: exactness, reuse path, compilation, decisions and bad input."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import kvcomm_jax.engine as engine_module

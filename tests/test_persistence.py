@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvcomm_jax import persistence, sharding
+from kvcomm_jax import sharding
 from kvcomm_jax.anchor_pool import empty_pool, insert_anchor, record_deltas
 from kvcomm_jax.matching import predict
 from kvcomm_jax.model import init_params
