@@ -136,10 +136,7 @@ def apply_correction(
     bool ``[A]``. Returns ``[L, H, T, D]`` in ``base.dtype``.
     """
     dispatch.check_correction(base, deltas, weights, anchor_valid)
-    dispatch.check_block_tokens(block_tokens)
-    target = dispatch.resolve_impl(impl)
-    if target == "reference":
-        return apply_correction_reference(base, deltas, weights, anchor_valid)
-    return _apply_correction_pallas(
-        base, deltas, weights, anchor_valid, target=target, block_tokens=block_tokens
+    return dispatch.run(
+        apply_correction_reference, _apply_correction_pallas, (base, deltas, weights, anchor_valid),
+        impl=impl, block_tokens=block_tokens,
     )

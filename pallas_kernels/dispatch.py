@@ -53,6 +53,18 @@ def resolve_impl(impl: str) -> str:
     return "reference"
 
 
+def run(reference, kernel, args, *, impl: str, block_tokens: int):
+    """Call ``reference(*args)`` or ``kernel(*args, target=..., block_tokens=...)`` as ``impl`` asks.
+
+    The one dispatch of every public kernel function (after its input checks).
+    """
+    check_block_tokens(block_tokens)
+    target = resolve_impl(impl)
+    if target == "reference":
+        return reference(*args)
+    return kernel(*args, target=target, block_tokens=block_tokens)
+
+
 def check_block_tokens(block_tokens: int) -> None:
     """Token blocks are powers of two (Triton) and multiples of 8 (Mosaic sublanes)."""
     if (

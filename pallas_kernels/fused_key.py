@@ -100,13 +100,8 @@ def correct_and_rotate_keys(
     """
     dispatch.check_correction(base0, deltas, weights, anchor_valid)
     dispatch.check_rotation(base0, positions, inv_freq, num_valid, amounts_name="positions")
-    dispatch.check_block_tokens(block_tokens)
-    target = dispatch.resolve_impl(impl)
-    if target == "reference":
-        return correct_and_rotate_keys_reference(
-            base0, deltas, weights, anchor_valid, positions, inv_freq, num_valid
-        )
-    return _correct_and_rotate_keys_pallas(
-        base0, deltas, weights, anchor_valid, positions, inv_freq, num_valid,
-        target=target, block_tokens=block_tokens,
+    return dispatch.run(
+        correct_and_rotate_keys_reference, _correct_and_rotate_keys_pallas,
+        (base0, deltas, weights, anchor_valid, positions, inv_freq, num_valid),
+        impl=impl, block_tokens=block_tokens,
     )

@@ -154,10 +154,7 @@ def rotate_keys(
     come back bit-identical. Returns ``[L, H, T, D]`` in ``keys.dtype``.
     """
     dispatch.check_rotation(keys, amounts, inv_freq, num_valid)
-    dispatch.check_block_tokens(block_tokens)
-    target = dispatch.resolve_impl(impl)
-    if target == "reference":
-        return rotate_keys_reference(keys, amounts, inv_freq, num_valid)
-    return _rotate_keys_pallas(
-        keys, amounts, inv_freq, num_valid, target=target, block_tokens=block_tokens
+    return dispatch.run(
+        rotate_keys_reference, _rotate_keys_pallas, (keys, amounts, inv_freq, num_valid),
+        impl=impl, block_tokens=block_tokens,
     )
