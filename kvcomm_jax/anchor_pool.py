@@ -21,6 +21,7 @@ import numpy as np
 from flax import struct
 
 from kvcomm_jax.buckets import bucket_length
+from kvcomm_jax.segment_kv import fit_tokens
 
 
 @struct.dataclass
@@ -121,21 +122,16 @@ def grow_slots(pool: AnchorPool) -> AnchorPool:
     )
 
 
-def _pad_tokens(x: jax.Array, tokens: int) -> jax.Array:
-    """Zero-pad axis 3 (tokens) of ``[V, L, H, T, D]`` to ``tokens``."""
-    return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, tokens - x.shape[3]), (0, 0)))
-
-
 def ensure_token_capacity(pool: AnchorPool, length: int) -> AnchorPool:
     """The same pool, its token axis re-padded to the bucket of ``length`` if it is shorter."""
     if length <= pool.token_capacity:
         return pool
     tokens = bucket_length(length, what="placeholder content")
     consumers = {
-        k: c.replace(placeholder_keys=_pad_tokens(c.placeholder_keys, tokens), placeholder_values=_pad_tokens(c.placeholder_values, tokens))
+        k: c.replace(placeholder_keys=fit_tokens(c.placeholder_keys, tokens), placeholder_values=fit_tokens(c.placeholder_values, tokens))
         for k, c in pool.consumers.items()
     }
-    return pool.replace(keys=_pad_tokens(pool.keys, tokens), values=_pad_tokens(pool.values, tokens), consumers=consumers)
+    return pool.replace(keys=fit_tokens(pool.keys, tokens), values=fit_tokens(pool.values, tokens), consumers=consumers)
 
 
 def choose_slot(pool: AnchorPool, window: int) -> int:
@@ -158,8 +154,7 @@ def choose_slot(pool: AnchorPool, window: int) -> int:
 
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _write_anchor(pool: AnchorPool, slot, keys0, values, length) -> AnchorPool:
-    keys0 = _pad_tokens(keys0[None], pool.token_capacity)[0] if keys0.shape[2] < pool.token_capacity else keys0[:, :, : pool.token_capacity]
-    values = _pad_tokens(values[None], pool.token_capacity)[0] if values.shape[2] < pool.token_capacity else values[:, :, : pool.token_capacity]
+    keys0, values = fit_tokens(keys0, pool.token_capacity), fit_tokens(values, pool.token_capacity)  # [L, H, T, D]
     consumers = {k: c.replace(present=c.present.at[slot].set(False)) for k, c in pool.consumers.items()}
     return pool.replace(
         keys=pool.keys.at[slot].set(keys0.astype(pool.keys.dtype)),
@@ -198,9 +193,7 @@ def _empty_consumer(pool: AnchorPool, prefix_tokens: int) -> ConsumerDeltas:
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _write_deltas(deltas: ConsumerDeltas, slot, ph_keys, ph_values, pf_keys, pf_values) -> ConsumerDeltas:
     T = deltas.placeholder_keys.shape[3]
-
-    def fit(x):  # [L, H, Tb, D] -> [L, H, T, D]
-        return jnp.pad(x, ((0, 0), (0, 0), (0, max(0, T - x.shape[2])), (0, 0)))[:, :, :T]
+    fit = functools.partial(fit_tokens, tokens=T)  # [L, H, Tb, D] -> [L, H, T, D]
 
     return ConsumerDeltas(
         placeholder_keys=deltas.placeholder_keys.at[slot].set(fit(ph_keys).astype(deltas.placeholder_keys.dtype)),

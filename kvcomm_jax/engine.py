@@ -28,7 +28,7 @@ from kvcomm_jax.accounting import CallRecord
 from kvcomm_jax.anchor_pool import AnchorPool, add_activations, check_pool_shapes, empty_pool, ensure_token_capacity
 from kvcomm_jax.buckets import bucket_length
 from kvcomm_jax.compile_counter import CompileCounter
-from kvcomm_jax.generation import decode, pad_prompts, prefill
+from kvcomm_jax.generation import check_prompt_lengths, decode, pad_prompts, prefill
 from kvcomm_jax.kv_cache import KVCache, init_cache
 from kvcomm_jax.matching import predict
 from kvcomm_jax.model_registry import LoadedModel
@@ -449,12 +449,7 @@ class KVCommEngine:
             others_ms = sum(self._ensure_base(request, n) for n in contents if placeholder_producer(n) is None or is_condition(n))
         template = self.templates[agent_id]
         ids = tuple(template.ids({n: c.ids for n, c in contents.items()}))
-        c = self.model.config
-        if len(ids) + self.config.max_new_tokens > c.max_position_embeddings:
-            raise ValueError(
-                f"agent {agent_id}: prompt of {len(ids)} tokens + max_new_tokens={self.config.max_new_tokens} "
-                f"exceeds the model's context limit of {c.max_position_embeddings}"
-            )
+        check_prompt_lengths([ids], self.config.max_new_tokens, self.model.config, names=[f"agent {agent_id}'s prompt"])
         buckets = [bucket_length(len(cn.ids), what=f"placeholder {{{n}}} content") for n, cn in contents.items()]
         if self.config.mode != "dense":
             buckets += [p.bucket for p in self._template(agent_id).prefixes]

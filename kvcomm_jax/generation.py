@@ -103,18 +103,24 @@ class GenerationResult:
     first_logits: np.ndarray
 
 
-def check_prompt_lengths(prompts: Sequence[Sequence[int]], max_new_tokens: int, config: ModelConfig) -> None:
-    """Clear errors for empty prompts and prompts that do not fit in the context window."""
+def check_prompt_lengths(
+    prompts: Sequence[Sequence[int]], max_new_tokens: int, config: ModelConfig, names: Sequence[str] | None = None
+) -> None:
+    """Clear errors for empty prompts and prompts that do not fit in the context window.
+
+    ``names`` label the prompts in the messages (default: "prompt 0", "prompt 1", ...).
+    """
     if not prompts:
         raise ValueError("no prompts given")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    for i, p in enumerate(prompts):
+    names = names or [f"prompt {i}" for i in range(len(prompts))]
+    for name, p in zip(names, prompts):
         if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty: give at least one token")
+            raise ValueError(f"{name} is empty: give at least one token")
         if len(p) + max_new_tokens > config.max_position_embeddings:
             raise ValueError(
-                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
+                f"{name} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
                 f"model's context limit of {config.max_position_embeddings} tokens"
             )
 

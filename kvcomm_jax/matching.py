@@ -11,15 +11,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from kvcomm_jax.segment_kv import fit_tokens
+
 TEMPERATURE = 1.0
 ACTIVATION_MASS = 0.9
-
-
-def fit_tokens(x: jax.Array, tokens: int) -> jax.Array:
-    """Zero-pad or cut the token axis (3) of ``[A, L, H, T, D]`` to ``tokens``."""
-    if x.shape[3] >= tokens:
-        return x[:, :, :, :tokens]
-    return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, tokens - x.shape[3]), (0, 0)))
 
 
 def _masked_softmax(distances: jax.Array, usable: jax.Array) -> jax.Array:

@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from kvcomm_jax.kv_cache import KVCache
-from kvcomm_jax.matching import fit_tokens, placeholder_weights, prefix_weights
-from kvcomm_jax.segment_kv import SegmentKV
+from kvcomm_jax.kv_cache import KVCache, with_lengths, write_span
+from kvcomm_jax.matching import placeholder_weights, prefix_weights
+from kvcomm_jax.segment_kv import SegmentKV, fit_tokens
 from pallas_kernels import apply_correction, correct_and_rotate_keys, rotate_keys
 
 
@@ -115,30 +115,18 @@ def correct_segments(inputs: tuple[PlaceholderInputs, ...], inv_freq, *, apply_o
     return tuple(_correct_one(p, inv_freq, impl) for p in inputs)
 
 
-def _write(keys, values, segment: SegmentKV, start):
-    """Write a segment's padded ``[L, H, T, D]`` block at slot ``start`` of ``[L, 1, H, S, D]`` caches."""
-    keys = jax.lax.dynamic_update_slice_in_dim(keys, segment.keys[:, None].astype(keys.dtype), start, axis=3)
-    values = jax.lax.dynamic_update_slice_in_dim(values, segment.values[:, None].astype(values.dtype), start, axis=3)
-    return keys, values
-
-
 @functools.partial(jax.jit, static_argnames=("capacity",))
 def assemble_cache(prefix0: SegmentKV, segments, starts, num_cached, *, capacity: int) -> KVCache:
     """One-row cache ``[L, 1, H, capacity, D]`` holding prefix 0 then each segment at ``starts[i]``.
 
-    Segments are written in order, so each one's padding is overwritten by the
-    next; slot ``s`` holds position ``s``; ``lengths = num_cached``.
-    The caller guarantees ``starts[i] + bucket_i <= capacity``.
+    Segments are written in order with :func:`~kvcomm_jax.kv_cache.write_span`, so each
+    one's padding is overwritten by the next; a segment starting at ``s`` holds positions
+    ``s, s+1, ...``; ``lengths = num_cached``. The caller guarantees
+    ``starts[i] + bucket_i <= capacity``.
     """
     L, H, _, D = prefix0.keys.shape
-    keys = jnp.zeros((L, 1, H, capacity, D), prefix0.keys.dtype)
-    values = jnp.zeros_like(keys)
-    keys, values = _write(keys, values, prefix0, 0)
-    for segment, start in zip(segments, starts):
-        keys, values = _write(keys, values, segment, start)
-    return KVCache(
-        keys=keys,
-        values=values,
-        positions=jnp.arange(capacity, dtype=jnp.int32)[None],
-        lengths=jnp.reshape(num_cached, (1,)).astype(jnp.int32),
-    )
+    zeros = jnp.zeros((L, 1, H, capacity, D), prefix0.keys.dtype)
+    cache = KVCache(zeros, zeros, jnp.zeros((1, capacity), jnp.int32), jnp.zeros((1,), jnp.int32))
+    for segment, start in zip((prefix0, *segments), (0, *starts)):
+        cache = write_span(cache, 0, start, segment.keys, segment.values, _positions(segment, start))
+    return with_lengths(cache, num_cached)

@@ -35,6 +35,13 @@ class SegmentKV:
         return self.keys.shape[2]
 
 
+def fit_tokens(x: jax.Array, tokens: int) -> jax.Array:
+    """Zero-pad or cut the token axis (-2) of ``[..., T, D]`` (a segment or a stack of them) to ``tokens``."""
+    if x.shape[-2] >= tokens:
+        return x[..., :tokens, :]
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, tokens - x.shape[-2]), (0, 0)])
+
+
 def _zero_padding(x, length):
     """Zero tokens ``t >= length`` of ``[L, H, T, D]``."""
     mask = jnp.arange(x.shape[2]) < length  # [T]
