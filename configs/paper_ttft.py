@@ -1,6 +1,6 @@
 """The paper's TTFT setting: 5 agents, 512-token prefixes, 1K-token inputs, 512 output tokens, always reuse."""
 
-from kvcomm_jax.bench_ttft import TTFTSettings
+from kvcomm_jax.bench.ttft import TTFTSettings
 
 
 def config() -> TTFTSettings:

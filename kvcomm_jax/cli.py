@@ -11,8 +11,7 @@ import os
 import sys
 
 from configs import main_job, paper_ttft
-from kvcomm_jax.model_registry import DEFAULT_MODEL
-
+from kvcomm_jax.model.registry import DEFAULT_MODEL
 
 
 def _positive(name):
@@ -104,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _generate(args):
-    from kvcomm_jax.model_registry import load_model
-    from kvcomm_jax.sampling import SamplingConfig
-    from kvcomm_jax.text_generation import generate_text
+    from kvcomm_jax.model.registry import load_model
+    from kvcomm_jax.model.sampling import SamplingConfig
+    from kvcomm_jax.model.text_generation import generate_text
 
     model = load_model(args.model, args.dtype)
     result = generate_text(
@@ -118,9 +117,9 @@ def _generate(args):
 
 
 def _perplexity(args):
-    from kvcomm_jax.model_registry import load_model
-    from kvcomm_jax.perplexity import perplexity
-    from kvcomm_jax.reporting import check_writable, write_json
+    from kvcomm_jax.bench.reporting import check_writable, write_json
+    from kvcomm_jax.model.perplexity import perplexity
+    from kvcomm_jax.model.registry import load_model
 
     check_writable(args.json, "--json")
     result = perplexity(load_model(args.model, args.dtype), args.text)
@@ -130,15 +129,19 @@ def _perplexity(args):
 
 
 def _pipeline(args):
-    from kvcomm_jax.engine import EngineConfig
-    from kvcomm_jax.graphs import make_graph
-    from kvcomm_jax.model_registry import load_model
-    from kvcomm_jax.pipeline import MODE_CHOICES, run_pipeline
-    from kvcomm_jax.reporting import check_writable, pipeline_table, plot_per_agent, write_json
-    from kvcomm_jax.tasks import get_task
-
-    from kvcomm_jax.distributed import maybe_initialize_distributed
-    from kvcomm_jax.sharding import make_mesh
+    from kvcomm_jax.agents.graphs import make_graph
+    from kvcomm_jax.agents.pipeline import MODE_CHOICES, run_pipeline
+    from kvcomm_jax.agents.tasks import get_task
+    from kvcomm_jax.bench.reporting import (
+        check_writable,
+        pipeline_table,
+        plot_per_agent,
+        write_json,
+    )
+    from kvcomm_jax.kvcomm.engine import EngineConfig
+    from kvcomm_jax.model.registry import load_model
+    from kvcomm_jax.scale.distributed import maybe_initialize_distributed
+    from kvcomm_jax.scale.sharding import make_mesh
 
     check_writable(args.json, "--json")
     check_writable(args.plot, "--plot")
@@ -186,9 +189,14 @@ def _pipeline(args):
 
 
 def _bench_ttft(args):
-    from kvcomm_jax.bench_ttft import TTFTSettings, run_ttft_benchmark
-    from kvcomm_jax.model_registry import load_model
-    from kvcomm_jax.reporting import check_writable, markdown_table, plot_per_agent, write_json
+    from kvcomm_jax.bench.reporting import (
+        check_writable,
+        markdown_table,
+        plot_per_agent,
+        write_json,
+    )
+    from kvcomm_jax.bench.ttft import TTFTSettings, run_ttft_benchmark
+    from kvcomm_jax.model.registry import load_model
 
     check_writable(args.json, "--json")
     check_writable(args.plot, "--plot")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from kvcomm_jax.model import init_params
-from kvcomm_jax.model_config import tiny_config
-from kvcomm_jax.model_registry import LoadedModel, load_model
+from kvcomm_jax.model.config import tiny_config
+from kvcomm_jax.model.registry import LoadedModel, load_model
+from kvcomm_jax.model.transformer import init_params
 
 
 def tiny_loaded_model(seed: int = 0, **config_overrides) -> LoadedModel:

@@ -21,7 +21,6 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import dispatch
 
-
 # ----------------------------------------------------------------------------------------
 # Reference (the spec)
 

@@ -22,12 +22,12 @@ import time
 import jax
 import jax.numpy as jnp
 
-from kvcomm_jax.buckets import bucket_length
 from kvcomm_jax.compile_counter import CompileCounter
-from kvcomm_jax.generation import decode, pad_prompts, prefill
-from kvcomm_jax.kv_cache import init_cache
-from kvcomm_jax.model_registry import DEFAULT_MODEL, LoadedModel, load_model
-from kvcomm_jax.sampling import SamplingConfig
+from kvcomm_jax.model.buckets import bucket_length
+from kvcomm_jax.model.generation import decode, pad_prompts, prefill
+from kvcomm_jax.model.kv_cache import init_cache
+from kvcomm_jax.model.registry import DEFAULT_MODEL, LoadedModel, load_model
+from kvcomm_jax.model.sampling import SamplingConfig
 
 GREEDY = SamplingConfig()
 PROMPT_LENGTHS, LONG_PROMPT_LENGTHS = (64, 256, 1024), (2048,)

@@ -16,13 +16,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kvcomm_jax.engine import EngineConfig  # noqa: E402
-from kvcomm_jax.fidelity import aggregate, fidelity_table, plot_fidelity  # noqa: E402
-from kvcomm_jax.graphs import make_graph  # noqa: E402
-from kvcomm_jax.model_registry import load_model  # noqa: E402
-from kvcomm_jax.pipeline import run_pipeline  # noqa: E402
-from kvcomm_jax.reporting import check_writable, write_json  # noqa: E402
-from kvcomm_jax.tasks import get_task  # noqa: E402
+from kvcomm_jax.agents.graphs import make_graph  # noqa: E402
+from kvcomm_jax.agents.pipeline import run_pipeline  # noqa: E402
+from kvcomm_jax.agents.tasks import get_task  # noqa: E402
+from kvcomm_jax.bench.fidelity import aggregate, fidelity_table, plot_fidelity  # noqa: E402
+from kvcomm_jax.bench.reporting import check_writable, write_json  # noqa: E402
+from kvcomm_jax.kvcomm.engine import EngineConfig  # noqa: E402
+from kvcomm_jax.model.registry import load_model  # noqa: E402
 
 
 def main() -> int:

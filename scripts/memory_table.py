@@ -1,7 +1,7 @@
 """Per-device memory of an anchor pool, a KV cache and the params for Llama-3.1-8B shapes, from the real shardings.
 
 Nothing is allocated: shapes come from ``jax.eval_shape`` and per-device bytes from
-``NamedSharding.shard_shape`` of the layouts in :mod:`kvcomm_jax.sharding`, on
+``NamedSharding.shard_shape`` of the layouts in :mod:`kvcomm_jax.scale.sharding`, on
 simulated CPU devices. Prints a markdown table.
 
     python scripts/memory_table.py
@@ -16,10 +16,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
-from kvcomm_jax import sharding  # noqa: E402
-from kvcomm_jax.kv_cache import init_cache  # noqa: E402
-from kvcomm_jax.model_config import ModelConfig, RopeScaling, param_shapes  # noqa: E402
-from kvcomm_jax.persistence import abstract_pool  # noqa: E402
+from kvcomm_jax.kvcomm.persistence import abstract_pool  # noqa: E402
+from kvcomm_jax.model.config import ModelConfig, RopeScaling, param_shapes  # noqa: E402
+from kvcomm_jax.model.kv_cache import init_cache  # noqa: E402
+from kvcomm_jax.scale import sharding  # noqa: E402
 
 LLAMA_31_8B = ModelConfig(
     architecture="llama", vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,

@@ -16,14 +16,14 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from kvcomm_jax import sharding
-from kvcomm_jax.distributed import maybe_initialize_distributed
-from kvcomm_jax.kv_cache import init_cache
-from kvcomm_jax.model import forward, init_params
-from kvcomm_jax.model_config import tiny_config
-from kvcomm_jax.reuse import PlaceholderInputs, correct_segments
-from kvcomm_jax.rope import inverse_frequencies
-from kvcomm_jax.segment_kv import SegmentKV
+from kvcomm_jax.kvcomm.reuse import PlaceholderInputs, correct_segments
+from kvcomm_jax.kvcomm.segments import SegmentKV
+from kvcomm_jax.model.config import tiny_config
+from kvcomm_jax.model.kv_cache import init_cache
+from kvcomm_jax.model.rope import inverse_frequencies
+from kvcomm_jax.model.transformer import forward, init_params
+from kvcomm_jax.scale import sharding
+from kvcomm_jax.scale.distributed import maybe_initialize_distributed
 
 CONFIG_OVERRIDES = dict(num_heads=8, num_kv_heads=4, head_dim=8, hidden_size=64, vocab_size=128)
 MESH_SPEC = "data=2,model=4"
@@ -75,7 +75,7 @@ def run_reference(case: dict, apply_offsets: bool = True) -> dict:
 
 
 def run_sharded(case: dict, mesh, apply_offsets: bool = True) -> dict:
-    """The case on ``mesh`` through :mod:`kvcomm_jax.sharding`: name -> global jax array."""
+    """The case on ``mesh`` through :mod:`kvcomm_jax.scale.sharding`: name -> global jax array."""
     config = case["config"]
     params = sharding.shard(case["params"], sharding.params_shardings(config, mesh))
     cache_sh = sharding.cache_shardings((config.num_layers, BATCH, config.num_kv_heads, CAPACITY, config.head_dim), mesh)

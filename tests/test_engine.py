@@ -5,15 +5,15 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-import kvcomm_jax.engine as engine_module
-from kvcomm_jax.anchor_pool import empty_pool
+import kvcomm_jax.kvcomm.engine as engine_module
 from kvcomm_jax.compile_counter import CompileCounter
-from kvcomm_jax.engine import EngineConfig, KVCommEngine
-from kvcomm_jax.kv_cache import init_cache
-from kvcomm_jax.model import forward, forward_last
-from kvcomm_jax.model_registry import load_model
-from kvcomm_jax.rope import apply_rope, inverse_frequencies
-from kvcomm_jax.templates import AgentPrompt
+from kvcomm_jax.kvcomm.anchor_pool import empty_pool
+from kvcomm_jax.kvcomm.engine import EngineConfig, KVCommEngine
+from kvcomm_jax.kvcomm.templates import AgentPrompt
+from kvcomm_jax.model.kv_cache import init_cache
+from kvcomm_jax.model.registry import load_model
+from kvcomm_jax.model.rope import apply_rope, inverse_frequencies
+from kvcomm_jax.model.transformer import forward, forward_last
 from kvcomm_jax.testing import tiny_loaded_model
 
 PROMPTS = (

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from kvcomm_jax.engine import EngineConfig, KVCommEngine
+from kvcomm_jax.kvcomm.engine import EngineConfig, KVCommEngine
 from kvcomm_jax.testing import tiny_loaded_model
 from tests.test_engine import PROMPTS, QUESTIONS, SHORT_QUESTIONS
 

@@ -4,8 +4,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvcomm_jax.anchor_pool import add_activations, choose_slot, empty_pool, insert_anchor, record_deltas
-from kvcomm_jax.matching import placeholder_weights, predict, prefix_weights
+from kvcomm_jax.kvcomm.anchor_pool import (
+    add_activations,
+    choose_slot,
+    empty_pool,
+    insert_anchor,
+    record_deltas,
+)
+from kvcomm_jax.kvcomm.matching import placeholder_weights, predict, prefix_weights
 
 L, H, D = 2, 1, 4
 

@@ -4,7 +4,14 @@ import dataclasses
 
 import pytest
 
-from kvcomm_jax.graphs import AgentGraph, AgentNode, chain, full_connected, make_graph, star
+from kvcomm_jax.agents.graphs import (
+    AgentGraph,
+    AgentNode,
+    chain,
+    full_connected,
+    make_graph,
+    star,
+)
 
 WORKERS = ("a", "b", "c", "d")
 

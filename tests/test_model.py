@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from kvcomm_jax.compile_counter import CompileCounter
-from kvcomm_jax.generation import generate
-from kvcomm_jax.kv_cache import init_cache
-from kvcomm_jax.model import forward, init_params
-from kvcomm_jax.model_config import RopeScaling, check_param_shapes, tiny_config
-from kvcomm_jax.rope import apply_rope, inverse_frequencies
-from kvcomm_jax.sampling import SamplingConfig, sample_next
+from kvcomm_jax.model.config import RopeScaling, check_param_shapes, tiny_config
+from kvcomm_jax.model.generation import generate
+from kvcomm_jax.model.kv_cache import init_cache
+from kvcomm_jax.model.rope import apply_rope, inverse_frequencies
+from kvcomm_jax.model.sampling import SamplingConfig, sample_next
+from kvcomm_jax.model.transformer import forward, init_params
 
 CONFIGS = {
     "llama": tiny_config(),

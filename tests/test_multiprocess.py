@@ -9,9 +9,9 @@ import time
 
 import numpy as np
 import pytest
-
-from kvcomm_jax.distributed import maybe_initialize_distributed
 from multiprocess_worker import make_case, run_reference
+
+from kvcomm_jax.scale.distributed import maybe_initialize_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "multiprocess_worker.py")

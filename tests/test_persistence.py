@@ -13,12 +13,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvcomm_jax import sharding
-from kvcomm_jax.anchor_pool import empty_pool, insert_anchor, record_deltas
-from kvcomm_jax.matching import predict
-from kvcomm_jax.model import init_params
-from kvcomm_jax.model_config import tiny_config
-from kvcomm_jax.persistence import CorruptCheckpointError, load_params, load_pools, model_fingerprint, save_params, save_pools
+from kvcomm_jax.kvcomm.anchor_pool import empty_pool, insert_anchor, record_deltas
+from kvcomm_jax.kvcomm.matching import predict
+from kvcomm_jax.kvcomm.persistence import (
+    CorruptCheckpointError,
+    load_params,
+    load_pools,
+    model_fingerprint,
+    save_params,
+    save_pools,
+)
+from kvcomm_jax.model.config import tiny_config
+from kvcomm_jax.model.transformer import init_params
+from kvcomm_jax.scale import sharding
 
 CONFIG = tiny_config(num_heads=8, num_kv_heads=4, head_dim=8, hidden_size=64)
 FINGERPRINT = model_fingerprint(CONFIG)
@@ -162,9 +169,9 @@ def test_corrupted_checkpoint_raises_clear_error(tmp_path, pools, damage):
 _BIG_SAVE = """
 import sys
 import jax, jax.numpy as jnp
-from kvcomm_jax.anchor_pool import empty_pool
-from kvcomm_jax.model_config import tiny_config
-from kvcomm_jax.persistence import model_fingerprint, save_pools
+from kvcomm_jax.kvcomm.anchor_pool import empty_pool
+from kvcomm_jax.model.config import tiny_config
+from kvcomm_jax.kvcomm.persistence import model_fingerprint, save_pools
 config = tiny_config(num_heads=8, num_kv_heads=4, head_dim=8, hidden_size=64)
 pool = empty_pool(64, config.num_layers, config.num_kv_heads, config.head_dim, 2048, jnp.float32)
 key = jax.random.PRNGKey(0)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from kvcomm_jax.compile_counter import no_new_compiles
-from kvcomm_jax.model_registry import load_model
-from kvcomm_jax.perplexity import perplexity
-from kvcomm_jax.text_generation import generate_text
+from kvcomm_jax.model.perplexity import perplexity
+from kvcomm_jax.model.registry import load_model
+from kvcomm_jax.model.text_generation import generate_text
 
 pytestmark = pytest.mark.real_model
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from kvcomm_jax.sandbox import run_python
+from kvcomm_jax.agents.sandbox import run_python
 
 
 def test_runs_code_with_stdin():

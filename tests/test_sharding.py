@@ -4,14 +4,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from multiprocess_worker import (
+    BATCH,
+    CAPACITY,
+    MESH_SPEC,
+    make_case,
+    run_reference,
+    run_sharded,
+)
 
-from kvcomm_jax import sharding
-from kvcomm_jax.anchor_pool import empty_pool, insert_anchor, record_deltas
 from kvcomm_jax.compile_counter import no_new_compiles
-from kvcomm_jax.kv_cache import init_cache
-from kvcomm_jax.model import forward
-from kvcomm_jax.model_config import tiny_config
-from multiprocess_worker import BATCH, CAPACITY, MESH_SPEC, make_case, run_reference, run_sharded
+from kvcomm_jax.kvcomm.anchor_pool import empty_pool, insert_anchor, record_deltas
+from kvcomm_jax.model.config import tiny_config
+from kvcomm_jax.model.kv_cache import init_cache
+from kvcomm_jax.model.transformer import forward
+from kvcomm_jax.scale import sharding
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 

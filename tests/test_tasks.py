@@ -6,10 +6,9 @@ import re
 
 import pytest
 
-from kvcomm_jax.graphs import make_graph
-from kvcomm_jax.tasks import Example, extract_code, get_task, load
-from kvcomm_jax.tasks import data
-from kvcomm_jax.tasks.humaneval import doctest_examples
+from kvcomm_jax.agents.graphs import make_graph
+from kvcomm_jax.agents.tasks import Example, data, extract_code, get_task, load
+from kvcomm_jax.agents.tasks.humaneval import doctest_examples
 
 TASK_NAMES = ("gsm8k", "mmlu", "humaneval")
 BRACED = re.compile(r"\{([^{}]*)\}")

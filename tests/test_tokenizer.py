@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from tokenizers import pre_tokenizers
 
-from kvcomm_jax.chat_format import ChatFormat
-from kvcomm_jax.tokenizer import Tokenizer
+from kvcomm_jax.model.chat_format import ChatFormat
+from kvcomm_jax.model.tokenizer import Tokenizer
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
             "<|end_header_id|>", "<|eot_id|>"]
@@ -124,7 +124,7 @@ def test_default_system_prompt_from_template():
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from kvcomm_jax.model_registry import load_model
+    from kvcomm_jax.model.registry import load_model
 
     return load_model()
 

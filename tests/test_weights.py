@@ -12,15 +12,15 @@ import ml_dtypes
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
-
-from kvcomm_jax import model_registry
-from kvcomm_jax.kv_cache import init_cache
-from kvcomm_jax.model import forward
-from kvcomm_jax.model_config import RopeScaling, param_shapes, tiny_config
-from kvcomm_jax.rope import inverse_frequencies
-from kvcomm_jax.tokenizer import Tokenizer
-from kvcomm_jax.weights import load_gguf, load_hf_dir
 from test_tokenizer import CHATML_TEMPLATE, LLAMA3_TEMPLATE, byte_level_metadata
+
+from kvcomm_jax.model import registry as model_registry
+from kvcomm_jax.model.config import RopeScaling, param_shapes, tiny_config
+from kvcomm_jax.model.kv_cache import init_cache
+from kvcomm_jax.model.rope import inverse_frequencies
+from kvcomm_jax.model.tokenizer import Tokenizer
+from kvcomm_jax.model.transformer import forward
+from kvcomm_jax.model.weights import load_gguf, load_hf_dir
 
 VOCAB = 265  # byte_level_metadata's vocabulary
 

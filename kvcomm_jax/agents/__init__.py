@@ -1,0 +1,1 @@
+"""Multi-agent pipelines: agent graphs, benchmark tasks, the code sandbox, the pipeline runner."""

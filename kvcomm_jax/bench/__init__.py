@@ -1,0 +1,1 @@
+"""Measurement: the TTFT benchmark, KV fidelity, tables, JSON and plots."""

@@ -1,0 +1,85 @@
+"""Anchor matching weights and anchor prediction (kvcomm_algorithm.md sections 6 and 8).
+
+All functions are jit-friendly, masked for padded tokens and unusable anchors,
+and do their softmax in float32 with temperature 1.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from kvcomm_jax.kvcomm.segments import fit_tokens
+
+TEMPERATURE = 1.0
+ACTIVATION_MASS = 0.9
+
+
+def _masked_softmax(distances: jax.Array, usable: jax.Array) -> jax.Array:
+    """softmax over axis 0 of ``-distances / tau``, unusable anchors at -inf. ``usable`` broadcasts."""
+    logits = jnp.where(usable, -distances / TEMPERATURE, -jnp.inf)
+    return jax.nn.softmax(logits, axis=0)
+
+
+def placeholder_weights(base, anchors, length, usable) -> jax.Array:
+    """Per-token weights ``[A, 1, 1, T, 1]``.
+
+    base: ``[L, H, T, D]``; anchors: ``[A, L, H, Ta, D]`` base KV of each anchor;
+    ``d[a, t] = mean_{l,h,c} |base[l,h,t,c] - anchors[a,l,h,t,c]|`` over the
+    anchor's first T tokens. Tokens ``t >= length`` get weight 0.
+    """
+    T = base.shape[2]
+    a = fit_tokens(anchors, T).astype(jnp.float32)  # [A, L, H, T, D]
+    d = jnp.mean(jnp.abs(base.astype(jnp.float32)[None] - a), axis=(1, 2, 4))  # [A, T]
+    w = _masked_softmax(d, usable[:, None])  # [A, T]
+    w = jnp.where((jnp.arange(T) < length)[None], w, 0.0)
+    return w[:, None, None, :, None]
+
+
+def prefix_weights(base, anchors, length, anchor_lengths, usable) -> jax.Array:
+    """Per-channel weights ``[A, L, H, 1, D]``.
+
+    ``d[a, l, h, c] = || base[l,h,:length,c] - anchors[a,l,h,Ta-length:Ta,c] ||_2``:
+    the content against each anchor's *last* ``length`` tokens (``Ta`` = that
+    anchor's own length).
+    """
+    T = base.shape[2]
+    t = jnp.arange(T)
+    idx = jnp.clip(anchor_lengths[:, None] - length + t[None], 0, anchors.shape[3] - 1)  # [A, T]
+    tail = jnp.take_along_axis(anchors, idx[:, None, None, :, None], axis=3).astype(jnp.float32)  # [A, L, H, T, D]
+    sq = jnp.square(base.astype(jnp.float32)[None] - tail)
+    sq = jnp.where((t < length)[None, None, None, :, None], sq, 0.0)
+    d = jnp.sqrt(jnp.sum(sq, axis=3))  # [A, L, H, D]
+    return _masked_softmax(d, usable[:, None, None, None])[:, :, :, None, :]
+
+
+@functools.partial(jax.jit, static_argnames=())
+def predict(values, length, anchor_values, anchor_lengths, anchor_valid, gamma):
+    """May a content be reused? (section 8)
+
+    values: ``[L, H, T, D]`` the content's base values (``length`` valid tokens);
+    anchor_values: ``[V, L, H, Ta, D]``; anchor_lengths ``[V]``; anchor_valid ``[V]``.
+
+    Returns ``(becomes_anchor bool, activation_increments [V] int32, entropy float32)``.
+    Fewer than two anchors at least ``length`` long -> becomes an anchor.
+    Otherwise ``s = softmax(-||values - anchor||_F)``, ``H = -sum s log2 s``;
+    ``H > gamma * log2(#available)`` -> becomes an anchor, else shareable and the
+    smallest set of top anchors whose weights reach 0.9 each get +1 activation.
+    """
+    T = values.shape[2]
+    available = anchor_valid & (anchor_lengths >= length)  # [V]
+    count = jnp.sum(available)
+    a = fit_tokens(anchor_values, T).astype(jnp.float32)
+    sq = jnp.where((jnp.arange(T) < length)[None, None, None, :, None], jnp.square(values.astype(jnp.float32)[None] - a), 0.0)
+    d = jnp.sqrt(jnp.sum(sq, axis=(1, 2, 3, 4)))  # [V]
+    s = _masked_softmax(d, available)  # [V]
+    entropy = -jnp.sum(jnp.where(available & (s > 0), s * jnp.log2(jnp.where(s > 0, s, 1.0)), 0.0))
+    becomes_anchor = (count < 2) | (entropy > gamma * jnp.log2(jnp.maximum(count, 1).astype(jnp.float32)))
+    order = jnp.argsort(-jnp.where(available, s, -1.0))  # best first
+    sorted_s = s[order]
+    selected_sorted = ((jnp.cumsum(sorted_s) - sorted_s) < ACTIVATION_MASS) & available[order]
+    increments = jnp.zeros_like(anchor_lengths).at[order].set(selected_sorted.astype(jnp.int32))
+    increments = jnp.where(becomes_anchor, 0, increments)
+    return becomes_anchor, increments, entropy

@@ -1,0 +1,71 @@
+"""KV of one prompt segment, and moving keys between RoPE frames.
+
+Keys of reusable segments are kept in *frame 0*: de-rotated to position 0
+(``R(-p)`` applied to a key observed at ``p``). Rotation is linear, so
+corrections add in frame 0 and a single rotation places the result.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from kvcomm_jax.model.kv_cache import KVCache, slice_span
+from pallas_kernels import rotate_keys
+
+
+@struct.dataclass
+class SegmentKV:
+    """A segment padded to a bucket.
+
+    keys:   ``[L, H, T, D]`` (frame 0 unless said otherwise)
+    values: ``[L, H, T, D]``
+    length: int32 scalar, valid tokens (the rest is zero padding)
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    length: jax.Array
+
+    @property
+    def bucket(self) -> int:
+        return self.keys.shape[2]
+
+
+def fit_tokens(x: jax.Array, tokens: int) -> jax.Array:
+    """Zero-pad or cut the token axis (-2) of ``[..., T, D]`` (a segment or a stack of them) to ``tokens``."""
+    if x.shape[-2] >= tokens:
+        return x[..., :tokens, :]
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, tokens - x.shape[-2]), (0, 0)])
+
+
+def _zero_padding(x, length):
+    """Zero tokens ``t >= length`` of ``[L, H, T, D]``."""
+    mask = jnp.arange(x.shape[2]) < length  # [T]
+    return jnp.where(mask[None, :, None], x, jnp.zeros((), x.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("bucket", "frame0", "impl"))
+def extract_segment(cache: KVCache, start, length, inv_freq, *, bucket: int, frame0: bool = True, impl: str = "auto") -> SegmentKV:
+    """Slots ``[start, start + length)`` of row 0 of ``cache`` as a :class:`SegmentKV` of ``bucket`` tokens.
+
+    With ``frame0`` the keys are de-rotated from the positions recorded in the
+    cache to position 0. Padding tokens are zero. The cache must have at
+    least ``start + bucket`` slots.
+    """
+    keys, values, positions = slice_span(cache, 0, start, bucket)  # [L, H, bucket, D], [bucket]
+    if frame0:
+        keys = rotate_keys(keys, -positions, inv_freq, length, impl=impl)
+    return SegmentKV(_zero_padding(keys, length), _zero_padding(values, length), jnp.asarray(length, jnp.int32))
+
+
+@jax.jit
+def segment_difference(real: SegmentKV, base: SegmentKV) -> SegmentKV:
+    """``real - base`` over the same tokens (a deviation), zero beyond the length."""
+    keys = real.keys.astype(jnp.float32) - base.keys.astype(jnp.float32)
+    values = real.values.astype(jnp.float32) - base.values.astype(jnp.float32)
+    return SegmentKV(_zero_padding(keys, real.length).astype(real.keys.dtype),
+                     _zero_padding(values, real.length).astype(real.values.dtype), real.length)

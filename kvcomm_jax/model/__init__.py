@@ -1,0 +1,1 @@
+"""The model layer: config, RoPE, the Flax transformer, KV caches, generation, tokenizers, chat formats, weights."""

@@ -1,0 +1,213 @@
+"""A Llama-family decoder in Flax (linen), run as a pure function of a params pytree.
+
+``forward(params, tokens, positions, cache, config)`` is the whole model: it
+embeds ``tokens [B, T]``, writes their keys/values into ``cache`` right after
+each row's valid slots, attends causally over the cache, and returns logits
+``[B, T, V]`` and the updated cache. Layers are stacked on a leading axis and
+run with ``nn.scan`` (no Python loop over layers).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kvcomm_jax.model.config import ModelConfig
+from kvcomm_jax.model.kv_cache import KVCache
+from kvcomm_jax.model.rope import apply_rope, inverse_frequencies
+
+
+class RMSNorm(nn.Module):
+    eps: float
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        xf = x.astype(jnp.float32)
+        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (normed * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def _write_rows(cache_layer, new, starts):
+    """Write ``new [B, H, T, D]`` into ``cache_layer [B, H, S, D]`` at slot ``starts[b]`` of each row."""
+    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n, s, axis=1))(cache_layer, new, starts)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention that writes its new keys/values into the layer's cache.
+
+    ``fresh``: the cache holds nothing yet (a prefill from scratch), so the tokens attend
+    to their own keys only (``[T, T]`` scores) instead of to all ``S`` slots.
+    """
+
+    config: ModelConfig
+    fresh: bool = False
+
+    @nn.compact
+    def __call__(self, x, k_cache, v_cache, positions, starts, mask):
+        """x ``[B, T, E]``; caches ``[B, H, S, D]``; positions ``[B, T]``; starts ``[B]``; mask ``[B, T, S or T]``."""
+        c = self.config
+        B, T, _ = x.shape
+        D, Hq, Hkv = c.head_dim, c.num_heads, c.num_kv_heads
+        dense = functools.partial(nn.Dense, dtype=c.jnp_dtype, param_dtype=c.jnp_dtype)
+        q = dense(Hq * D, use_bias=c.attention_bias, name="q_proj")(x).reshape(B, T, Hq, D)
+        k = dense(Hkv * D, use_bias=c.attention_bias, name="k_proj")(x).reshape(B, T, Hkv, D)
+        v = dense(Hkv * D, use_bias=c.attention_bias, name="v_proj")(x).reshape(B, T, Hkv, D)
+        if c.qk_norm:
+            q = RMSNorm(c.rms_norm_eps, name="q_norm")(q)
+            k = RMSNorm(c.rms_norm_eps, name="k_norm")(k)
+        inv_freq = inverse_frequencies(c)
+        q = apply_rope(q.swapaxes(1, 2), positions[:, None, :], inv_freq)  # [B, Hq, T, D]
+        k = apply_rope(k.swapaxes(1, 2), positions[:, None, :], inv_freq)  # [B, Hkv, T, D]
+        v = v.swapaxes(1, 2)  # [B, Hkv, T, D]
+        k_cache = _write_rows(k_cache, k.astype(k_cache.dtype), starts)  # [B, Hkv, S, D]
+        v_cache = _write_rows(v_cache, v.astype(v_cache.dtype), starts)
+
+        keys, values = (k, v) if self.fresh else (k_cache, v_cache)  # [B, Hkv, S or T, D]
+        q = q.reshape(B, Hkv, Hq // Hkv, T, D)  # [B, Hkv, G, T, D]
+        scores = jnp.einsum(
+            "bhgtd,bhsd->bhgts", q.astype(jnp.float32), keys.astype(jnp.float32)
+        ) / jnp.sqrt(jnp.float32(D))  # [B, Hkv, G, T, S]
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        out = jnp.einsum("bhgts,bhsd->bhgtd", probs, values.astype(jnp.float32))  # [B, Hkv, G, T, D]
+        out = out.reshape(B, Hq, T, D).swapaxes(1, 2).reshape(B, T, Hq * D).astype(x.dtype)
+        return dense(c.hidden_size, use_bias=False, name="o_proj")(out), k_cache, v_cache
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        dense = functools.partial(nn.Dense, use_bias=False, dtype=c.jnp_dtype, param_dtype=c.jnp_dtype)
+        gate = dense(c.intermediate_size, name="gate_proj")(x)
+        up = dense(c.intermediate_size, name="up_proj")(x)
+        return dense(c.hidden_size, name="down_proj")(jax.nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+    fresh: bool = False
+
+    @nn.compact
+    def __call__(self, x, k_cache, v_cache, positions, starts, mask):
+        c = self.config
+        attn_out, k_cache, v_cache = Attention(c, self.fresh, name="attn")(
+            RMSNorm(c.rms_norm_eps, name="attn_norm")(x), k_cache, v_cache, positions, starts, mask
+        )
+        x = x + attn_out
+        x = x + MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, name="mlp_norm")(x))
+        return x, (k_cache, v_cache)
+
+
+class Transformer(nn.Module):
+    """Embedding, ``L`` scanned decoder layers, final norm; ``logits`` maps hidden states to the vocabulary.
+
+    ``fresh=True`` promises an empty cache (lengths 0): attention then spans only the new tokens.
+    """
+
+    config: ModelConfig
+    fresh: bool = False
+
+    def setup(self):
+        c = self.config
+        self.embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.jnp_dtype, param_dtype=c.jnp_dtype)
+        self.layers = nn.scan(
+            DecoderLayer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=c.num_layers,
+        )(c, self.fresh)
+        self.final_norm = RMSNorm(c.rms_norm_eps)
+        if not c.tie_embeddings:
+            self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=c.jnp_dtype, param_dtype=c.jnp_dtype)
+
+    def __call__(self, tokens, positions, cache: KVCache, num_new):
+        """Hidden states ``[B, T, E]`` and the updated cache."""
+        B, T = tokens.shape
+        S = cache.capacity
+        starts = cache.lengths  # [B]
+        query_slots = starts[:, None] + jnp.arange(T)[None, :]  # [B, T]
+        visible = T if self.fresh else S
+        mask = jnp.arange(visible)[None, None, :] <= query_slots[:, :, None]  # [B, T, S] ([B, T, T] when fresh)
+        x = self.embed(tokens)
+        x, (keys, values) = self.layers(x, cache.keys, cache.values, positions, starts, mask)
+        new_positions = jax.vmap(lambda p, new, s: jax.lax.dynamic_update_slice_in_dim(p, new, s, axis=0))(
+            cache.positions, positions.astype(jnp.int32), starts
+        )
+        cache = KVCache(keys=keys, values=values, positions=new_positions, lengths=starts + num_new)
+        return self.final_norm(x), cache
+
+    def hidden_and_logits(self, tokens, positions, cache: KVCache, num_new):
+        """Both halves at once; used to create every parameter at init."""
+        hidden, cache = self(tokens, positions, cache, num_new)
+        return self.logits(hidden), cache
+
+    def logits(self, hidden):
+        """``hidden [..., E]`` -> float32 logits ``[..., V]``."""
+        if self.config.tie_embeddings:
+            return self.embed.attend(hidden.astype(jnp.float32)).astype(jnp.float32)
+        return self.lm_head(hidden).astype(jnp.float32)
+
+
+def _check_capacity(tokens, cache: KVCache):
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
+    if tokens.shape[0] != cache.batch:
+        raise ValueError(f"tokens batch {tokens.shape[0]} != cache batch {cache.batch}")
+
+
+@functools.partial(jax.jit, static_argnames=("config", "fresh"))
+def forward(params, tokens, positions, cache: KVCache, config: ModelConfig, num_new=None, fresh: bool = False):
+    """The model as a pure function.
+
+    Args:
+      params: the params pytree (layout: ``model_config.param_shapes``).
+      tokens: int32 ``[B, T]``; row ``b`` has ``num_new[b]`` valid tokens (the rest is padding).
+      positions: int32 ``[B, T]`` RoPE positions of the tokens.
+      cache: a :class:`KVCache` with capacity ``S >= lengths + T``; the tokens are written
+        to slots ``[lengths[b], lengths[b] + T)`` and attend to every slot before them.
+      num_new: int32 ``[B]``, defaults to ``T`` for every row.
+      fresh: the caller promises the cache is empty; attention then costs ``T x T``
+        instead of ``T x S`` (a prefill from scratch).
+
+    Returns:
+      ``(logits [B, T, V] float32, cache)`` with ``cache.lengths += num_new``.
+    """
+    _check_capacity(tokens, cache)
+    if num_new is None:
+        num_new = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
+    model = Transformer(config, fresh)
+    hidden, cache = model.apply({"params": params}, tokens, positions, cache, num_new)
+    return model.apply({"params": params}, hidden, method=Transformer.logits), cache
+
+
+@functools.partial(jax.jit, static_argnames=("config", "fresh"))
+def forward_last(params, tokens, positions, cache: KVCache, config: ModelConfig, num_new, fresh: bool = False):
+    """Like :func:`forward` but returns only the logits of each row's last valid token, ``[B, V]``.
+
+    Saves the vocabulary projection of every other token during prefill.
+    """
+    _check_capacity(tokens, cache)
+    model = Transformer(config, fresh)
+    hidden, cache = model.apply({"params": params}, tokens, positions, cache, num_new)  # [B, T, E]
+    last = jnp.take_along_axis(hidden, (num_new - 1)[:, None, None], axis=1)[:, 0]  # [B, E]
+    return model.apply({"params": params}, last, method=Transformer.logits), cache
+
+
+def init_params(config: ModelConfig, seed: int = 0):
+    """Random params (Flax default initializers) for tests and tiny experiments."""
+    from kvcomm_jax.model.kv_cache import init_cache
+
+    cache = init_cache(config, 1, 1)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    variables = Transformer(config).init(
+        jax.random.PRNGKey(seed), tokens, tokens, cache, jnp.ones((1,), jnp.int32), method=Transformer.hidden_and_logits
+    )
+    return variables["params"]

@@ -1,0 +1,146 @@
+"""Load llama.cpp GGUF files (any quantization ``gguf`` can dequantize) into our params pytree."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import gguf
+import numpy as np
+
+from kvcomm_jax.model.chat_format import ChatFormat
+from kvcomm_jax.model.config import ModelConfig, RopeScaling
+from kvcomm_jax.model.rope import inverse_frequencies
+from kvcomm_jax.model.tokenizer import Tokenizer
+from kvcomm_jax.model.weights import assemble_params
+
+# architecture -> (ModelConfig flags, whether llama.cpp permuted the Q/K rows for interleaved RoPE)
+_ARCHITECTURES = {
+    "llama": ({}, True),
+    "qwen2": ({"attention_bias": True}, False),
+    "qwen3": ({"qk_norm": True}, False),
+}
+SUPPORTED_GGUF_ARCHITECTURES = tuple(_ARCHITECTURES)
+
+_NAMES = {
+    "embed/embedding": "token_embd.weight",
+    "final_norm/scale": "output_norm.weight",
+    "lm_head/kernel": "output.weight",
+    "layers/attn_norm/scale": "blk.{layer}.attn_norm.weight",
+    "layers/attn/q_proj/kernel": "blk.{layer}.attn_q.weight",
+    "layers/attn/q_proj/bias": "blk.{layer}.attn_q.bias",
+    "layers/attn/k_proj/kernel": "blk.{layer}.attn_k.weight",
+    "layers/attn/k_proj/bias": "blk.{layer}.attn_k.bias",
+    "layers/attn/v_proj/kernel": "blk.{layer}.attn_v.weight",
+    "layers/attn/v_proj/bias": "blk.{layer}.attn_v.bias",
+    "layers/attn/o_proj/kernel": "blk.{layer}.attn_output.weight",
+    "layers/attn/q_norm/scale": "blk.{layer}.attn_q_norm.weight",
+    "layers/attn/k_norm/scale": "blk.{layer}.attn_k_norm.weight",
+    "layers/mlp_norm/scale": "blk.{layer}.ffn_norm.weight",
+    "layers/mlp/gate_proj/kernel": "blk.{layer}.ffn_gate.weight",
+    "layers/mlp/up_proj/kernel": "blk.{layer}.ffn_up.weight",
+    "layers/mlp/down_proj/kernel": "blk.{layer}.ffn_down.weight",
+}
+_ROPE_FREQS = "rope_freqs.weight"
+_REQUIRED = object()
+
+
+def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's per-head Q/K row permutation of ``w [n_heads*D, ...]`` (interleaved -> rotate-half)."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
+
+
+def _open(path: str) -> gguf.GGUFReader:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # gguf raises various exception types on malformed files
+        raise ValueError(f"GGUF file {path} is truncated or corrupt: {type(e).__name__}: {e}") from e
+
+
+def _dequantized(tensor) -> np.ndarray:
+    """float32 array shaped ``reversed(tensor.shape)`` (``[out, in]`` for matrices)."""
+    w = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    return np.asarray(w, dtype=np.float32).reshape([int(d) for d in reversed(tensor.shape)])
+
+
+def _f32(value) -> float:
+    """A float32 metadata value as the shortest decimal that rounds to it (9.99999975e-06 -> 1e-05)."""
+    return float(str(np.float32(value)))
+
+
+def _config(meta: dict[str, Any], arch: str, tensors: dict, dtype: str, path: str) -> ModelConfig:
+    """ModelConfig from ``<arch>.*`` metadata; tied embeddings when there is no ``output.weight``."""
+
+    def get(key, default=_REQUIRED):
+        value = meta.get(f"{arch}.{key}", default)
+        if value is _REQUIRED:
+            raise ValueError(f"GGUF file {path} lacks metadata {arch}.{key}")
+        return value
+
+    if get("rope.scaling.type", "none") != "none":
+        raise ValueError(f"GGUF file {path}: unsupported RoPE scaling type {get('rope.scaling.type')!r}")
+    if "tokenizer.ggml.tokens" not in meta:
+        raise ValueError(f"GGUF file {path} lacks the token list (tokenizer.ggml.tokens)")
+    hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
+    config = ModelConfig(
+        architecture=arch,
+        vocab_size=len(meta["tokenizer.ggml.tokens"]),
+        hidden_size=hidden,
+        num_layers=int(get("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(get("attention.head_count_kv", heads)),
+        head_dim=int(get("attention.key_length", hidden // heads)),
+        intermediate_size=int(get("feed_forward_length")),
+        rope_theta=_f32(get("rope.freq_base", 10000.0)),
+        rms_norm_eps=_f32(get("attention.layer_norm_rms_epsilon")),
+        max_position_embeddings=int(get("context_length", 4096)),
+        tie_embeddings="output.weight" not in tensors,
+        dtype=dtype,
+        **_ARCHITECTURES[arch][0],
+    )
+    if _ROPE_FREQS not in tensors:
+        return config
+    rope_freqs = _dequantized(tensors[_ROPE_FREQS])
+    # llama.cpp stores Llama-3 scaling only as per-frequency divisors [D/2]; Llama 3.x
+    # uses low/high frequency factors 1 and 4 over an 8192-token original context.
+    scaling = RopeScaling(
+        factor=_f32(rope_freqs.max()),
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=int(get("rope.scaling.original_context_length", 8192)),
+    )
+    config = config.replace(rope_scaling=scaling)
+    if not np.allclose(inverse_frequencies(config), inverse_frequencies(config.replace(rope_scaling=None)) / rope_freqs,
+                       rtol=1e-4):
+        raise ValueError(f"GGUF file {path}: {_ROPE_FREQS} does not match Llama-3 RoPE scaling ({scaling})")
+    return config
+
+
+def load_gguf(path: str, dtype: str = "float32") -> tuple[ModelConfig, dict, Tokenizer, ChatFormat]:
+    """Read a GGUF file: ``(config, params, tokenizer, chat_format)``.
+
+    ``params`` is a nested dict of numpy arrays of ``dtype`` laid out as
+    ``param_shapes(config)`` (kernels ``[in, out]``, layers stacked ``[L, ...]``,
+    ``lm_head`` only when the file has ``output.weight``). Q/K rows of ``llama``
+    files are un-permuted so that rotate-half RoPE applies.
+    """
+    path = os.fspath(path)
+    reader = _open(path)
+    meta = {name: field.contents() for name, field in reader.fields.items()}
+    arch = meta.get("general.architecture")
+    if arch not in _ARCHITECTURES:
+        raise ValueError(f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)})")
+    tensors = {t.name: t for t in reader.tensors}
+    config = _config(meta, arch, tensors, dtype, path)
+    chat_format = ChatFormat.from_template(meta.get("tokenizer.chat_template"))
+    tokenizer = Tokenizer.from_gguf_metadata(meta, end_tokens=(chat_format.end_token,))
+    permuted_heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads} if _ARCHITECTURES[arch][1] else {}
+
+    def read(name: str) -> np.ndarray:
+        w = _dequantized(tensors[name])
+        kind = name.split(".")[2] if name.startswith("blk.") else ""
+        return unpermute_rows(w, permuted_heads[kind]) if kind in permuted_heads else w
+
+    return config, assemble_params(config, _NAMES, read, dtype, source=f"GGUF file {path}"), tokenizer, chat_format

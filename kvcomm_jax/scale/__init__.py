@@ -1,0 +1,1 @@
+"""Scale-out: the device mesh, logical-axis sharding rules, multi-host start-up."""
