@@ -1,4 +1,4 @@
-"""The command line: ``python run.py [generate|perplexity|pipeline|bench-ttft|fidelity] ...``.
+"""The command line: ``python run.py [generate|perplexity|pipeline|bench-ttft] ...``.
 
 With no arguments it runs the main job: a 4-agent GSM8K pipeline, dense and
 KVCOMM side by side, on the default model, writing ``results/``.
@@ -11,7 +11,12 @@ import os
 import sys
 
 from configs import main_job, paper_ttft
+from kvcomm_jax.agents.graphs import GRAPH_KINDS
+from kvcomm_jax.agents.pipeline import MODE_CHOICES
+from kvcomm_jax.agents.tasks import TASKS
+from kvcomm_jax.kvcomm.config import DEFAULT_ANCHOR_CAPACITY, DEFAULT_EVICTION_WINDOW
 from kvcomm_jax.model.registry import DEFAULT_MODEL
+from pallas_kernels import IMPLS
 
 
 def _positive(name):
@@ -43,9 +48,9 @@ def _add_model(p):
 
 def _add_engine(p, gamma):
     p.add_argument("--gamma", type=float, default=gamma, help="entropy threshold of anchor prediction")
-    p.add_argument("--anchors", type=_positive("--anchors"), default=20, help="anchor capacity V per placeholder")
-    p.add_argument("--window", type=_positive("--window"), default=5, help="eviction window W")
-    p.add_argument("--impl", default="auto", choices=("auto", "pallas", "interpret", "reference"))
+    p.add_argument("--anchors", type=_positive("--anchors"), default=DEFAULT_ANCHOR_CAPACITY, help="anchor capacity V per placeholder")
+    p.add_argument("--window", type=_positive("--window"), default=DEFAULT_EVICTION_WINDOW, help="eviction window W")
+    p.add_argument("--impl", default="auto", choices=IMPLS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,12 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
 
     pl = sub.add_parser("pipeline", help="a multi-agent pipeline on a benchmark task")
-    pl.add_argument("--task", required=True, choices=("gsm8k", "mmlu", "humaneval"))
+    pl.add_argument("--task", required=True, choices=tuple(TASKS))
     pl.add_argument("--agents", type=_agents, default=4, help="agents including the decision agent")
-    pl.add_argument("--mode", default="both", choices=("dense", "kvcomm", "rotate_only", "both", "all"))
+    pl.add_argument("--mode", default="both", choices=tuple(MODE_CHOICES))
     pl.add_argument("--limit", type=_positive("--limit"), default=10)
     pl.add_argument("--offset", type=int, default=0)
-    pl.add_argument("--graph", default="full_connected", choices=("full_connected", "chain", "star"))
+    pl.add_argument("--graph", default="full_connected", choices=tuple(GRAPH_KINDS))
     pl.add_argument("--rounds", type=_positive("--rounds"), default=1)
     pl.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=128)
     pl.add_argument("--no-fidelity", action="store_true", help="skip the untimed dense check of reuse calls")
@@ -95,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--output-tokens", type=_positive("--output-tokens"), default=paper.output_tokens)
     b.add_argument("--samples", type=_positive("--samples"), default=paper.samples)
     b.add_argument("--gamma", type=float, default=paper.gamma)
-    b.add_argument("--impl", default="auto", choices=("auto", "pallas", "interpret", "reference"))
+    b.add_argument("--impl", default="auto", choices=IMPLS)
     b.add_argument("--json")
     b.add_argument("--plot")
     _add_model(b)
@@ -130,7 +135,7 @@ def _perplexity(args):
 
 def _pipeline(args):
     from kvcomm_jax.agents.graphs import make_graph
-    from kvcomm_jax.agents.pipeline import MODE_CHOICES, run_pipeline
+    from kvcomm_jax.agents.pipeline import run_pipeline
     from kvcomm_jax.agents.tasks import get_task
     from kvcomm_jax.bench.reporting import (
         check_writable,
@@ -155,11 +160,11 @@ def _pipeline(args):
     model = load_model(args.model, args.dtype)
     config = EngineConfig(
         gamma=args.gamma, anchor_capacity=args.anchors, eviction_window=args.window,
-        max_new_tokens=args.max_new_tokens, impl=args.impl, measure_fidelity=not args.no_fidelity,
+        max_new_tokens=args.max_new_tokens, impl=args.impl,
     )
     summary, results = run_pipeline(
         model, task, graph, examples, MODE_CHOICES[args.mode], config,
-        mesh=mesh, load_pool=args.load_pool, save_pool=args.save_pool,
+        measure_fidelity=not args.no_fidelity, mesh=mesh, load_pool=args.load_pool, save_pool=args.save_pool,
     )
     payload = {
         "task": args.task, "model": model.source, "agents": args.agents, "graph": args.graph, "rounds": args.rounds,

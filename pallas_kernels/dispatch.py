@@ -102,13 +102,16 @@ def check_cache(name: str, x) -> None:
 def check_rotation(keys, amounts, inv_freq, num_valid, amounts_name: str = "amounts") -> None:
     """Validates the arguments of a rotation of ``keys [L, H, T, D]``."""
     check_cache("keys", keys)
-    _, _, t, d = keys.shape
+    num_layers, _, t, d = keys.shape
     if amounts.shape != (t,):
         raise ValueError(f"{amounts_name} must have shape [T]=({t},), got {amounts.shape}")
     if not _is_int(amounts):
         raise TypeError(f"{amounts_name} must be integer, got dtype {amounts.dtype}")
-    if inv_freq.shape != (d // 2,):
-        raise ValueError(f"inv_freq must have shape [D/2]=({d // 2},), got {inv_freq.shape}")
+    if inv_freq.shape != (num_layers, d // 2):
+        raise ValueError(
+            f"inv_freq must have shape (L, D/2)=({num_layers}, {d // 2}), one row per layer "
+            f"of the keys, got {inv_freq.shape}"
+        )
     if inv_freq.dtype != jnp.float32:
         raise TypeError(f"inv_freq must be float32, got dtype {inv_freq.dtype}")
     if jnp.ndim(num_valid) != 0 or not _is_int(num_valid):

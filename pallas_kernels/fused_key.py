@@ -30,7 +30,7 @@ def correct_and_rotate_keys_reference(
     corrected = correction.apply_correction_reference(
         base0.astype(jnp.float32), deltas, weights, anchor_valid
     )  # [L, H, T, D] float32
-    rotated = rotation.rope(corrected, positions, inv_freq).astype(base0.dtype)
+    rotated = rotation.rotate_layers(corrected, positions, inv_freq).astype(base0.dtype)
     return rotation.keep_padding(rotated, base0, num_valid)
 
 
@@ -95,8 +95,8 @@ def correct_and_rotate_keys(
 
     ``base0``: frame-0 keys ``[L, H, T, D]``; ``deltas``, ``weights``, ``anchor_valid`` as
     in ``apply_correction``; ``positions``: int ``[T]`` target positions; ``inv_freq``:
-    float32 ``[D/2]``; ``num_valid``: int scalar. Returns ``[L, H, T, D]`` in
-    ``base0.dtype``.
+    float32 ``[L, D/2]``, row l the frequencies of layer l; ``num_valid``: int scalar.
+    Returns ``[L, H, T, D]`` in ``base0.dtype``.
     """
     dispatch.check_correction(base0, deltas, weights, anchor_valid)
     dispatch.check_rotation(base0, positions, inv_freq, num_valid, amounts_name="positions")

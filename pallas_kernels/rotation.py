@@ -1,14 +1,15 @@
 """RoPE re-rotation of cached keys (algorithm notes, section 4).
 
-Rotate-half convention: for ``x [..., D]`` with halves ``x1 = x[..., :D/2]`` and
-``x2 = x[..., D/2:]``, rotating by ``amount`` uses ``angle = amount * inv_freq``
-(``inv_freq`` float32 ``[D/2]``, any frequency scaling already applied) and gives
-``concat(x1*cos - x2*sin, x2*cos + x1*sin)``. Math in float32, one cast back to the
-input dtype. Tokens ``t >= num_valid`` (padding) are returned bit-identical.
+The rotation is the model's (``kvcomm_jax.model.rope``): rotate-half, ``angle = amount *
+inv_freq``, math in float32, one cast back to the input dtype. ``inv_freq`` is float32
+``[L, D/2]``: row ``l`` holds the frequencies (any scaling already applied) of layer ``l``
+of the ``[L, H, T, D]`` keys. Tokens ``t >= num_valid`` (padding) are returned
+bit-identical.
 
-The cos/sin tables ``[T, D/2]`` are computed once per call by XLA (``rope_tables``) and
-shared by the reference and the kernel; the kernel reads them per token block, which
-costs ``4 D`` bytes per token next to the ``2 L H D`` bytes of a bf16 key row.
+The kernel's per-layer cos/sin tables ``[L, T, D/2]`` are computed once per call by XLA
+(``rope_inputs``, with the function the reference uses); grid step (t, l, h) reads
+the ``[bt, D/2]`` block of layer l, which costs ``4 L D`` bytes per token next to the
+``2 L H D`` bytes of a bf16 key row.
 """
 
 from __future__ import annotations
@@ -19,34 +20,11 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from kvcomm_jax.model.rope import apply_rope, cos_sin, rotate_halves
 from pallas_kernels import dispatch
 
 # ----------------------------------------------------------------------------------------
 # Reference (the spec)
-
-
-def rope_tables(amounts: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos and sin of ``amounts[..., t] * inv_freq[c]``: float32 ``[..., T, D/2]`` each."""
-    angle = amounts.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [..., T, D/2]
-    return jnp.cos(angle), jnp.sin(angle)
-
-
-def rope_halves(x1, x2, cos, sin):
-    """Rotates the float32 halves ``x1, x2 [..., D/2]`` by the angles of ``cos, sin``."""
-    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
-
-
-def rope(x: jax.Array, amounts: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """``x [..., T, D]`` with every token t rotated by ``amounts[..., t]``, in ``x.dtype``.
-
-    ``amounts`` is ``[T]`` or any shape that broadcasts against ``x[..., 0]`` (for example
-    ``[B, 1, T]`` positions for ``[B, H, T, D]`` queries). Math in float32, one cast back.
-    """
-    half = x.shape[-1] // 2
-    cos, sin = rope_tables(amounts, inv_freq)  # [..., T, D/2]
-    xf = x.astype(jnp.float32)  # [..., T, D]
-    r1, r2 = rope_halves(xf[..., :half], xf[..., half:], cos, sin)  # [..., T, D/2] each
-    return jnp.concatenate([r1, r2], axis=-1).astype(x.dtype)
 
 
 def keep_padding(out: jax.Array, original: jax.Array, num_valid) -> jax.Array:
@@ -55,9 +33,14 @@ def keep_padding(out: jax.Array, original: jax.Array, num_valid) -> jax.Array:
     return jnp.where(valid, out, original)
 
 
+def rotate_layers(x: jax.Array, amounts: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """``x [L, H, T, D]`` with token t of layer l rotated by ``amounts[t]`` at ``inv_freq[l]``."""
+    return apply_rope(x, amounts, inv_freq[:, None, None, :])  # [L, 1, 1, D/2] frequencies
+
+
 def rotate_keys_reference(keys, amounts, inv_freq, num_valid) -> jax.Array:
     """Reference ``rotate_keys``: ``keys [L, H, T, D]`` rotated per token, padding kept."""
-    return keep_padding(rope(keys, amounts, inv_freq), keys, num_valid)
+    return keep_padding(rotate_layers(keys, amounts, inv_freq), keys, num_valid)
 
 
 # ----------------------------------------------------------------------------------------
@@ -65,14 +48,19 @@ def rotate_keys_reference(keys, amounts, inv_freq, num_valid) -> jax.Array:
 
 
 def rope_specs(blocking: dispatch.TokenBlocking, head_dim: int) -> list[pl.BlockSpec]:
-    """Block specs of ``rope_inputs``: num_valid ``[1, 1]``, cos and sin ``[bt, D/2]``."""
-    table = pl.BlockSpec((blocking.block, head_dim // 2), lambda t, l, h: (t, 0))
+    """Block specs of ``rope_inputs`` for grid step (t, l, h).
+
+    num_valid ``[1, 1]`` whole; cos and sin ``[bt, D/2]``: token block t of layer l's table.
+    """
+    table = pl.BlockSpec(
+        (pl.squeezed, blocking.block, head_dim // 2), lambda t, l, h: (l, t, 0)
+    )
     return [dispatch.whole_spec((1, 1)), table, table]
 
 
 def rope_inputs(amounts, inv_freq, num_valid) -> list[jax.Array]:
-    """Kernel inputs for a rotation: ``[num_valid [1, 1] int32, cos, sin [T, D/2]]``."""
-    cos, sin = rope_tables(amounts, inv_freq)
+    """Kernel inputs for a rotation: ``[num_valid [1, 1] int32, cos, sin [L, T, D/2]]``."""
+    cos, sin = cos_sin(amounts, inv_freq[:, None, :])  # [L, T, D/2] each
     return [jnp.reshape(num_valid, (1, 1)).astype(jnp.int32), cos, sin]
 
 
@@ -95,7 +83,7 @@ def store_rotated(o_ref, x1, x2, raw1, raw2, rope_refs, rows, row_mask) -> None:
     half = o_ref.shape[-1] // 2
     cos = dispatch.load(cos_ref, row_mask)  # [bt, D/2]
     sin = dispatch.load(sin_ref, row_mask)  # [bt, D/2]
-    r1, r2 = rope_halves(x1, x2, cos, sin)  # [bt, D/2] each
+    r1, r2 = rotate_halves(x1, x2, cos, sin)  # [bt, D/2] each
     valid = rows < nv_ref[...]  # [bt, 1]
     for cols, r, raw in ((slice(None, half), r1, raw1), (slice(half, None), r2, raw2)):
         out = jnp.where(valid, r.astype(o_ref.dtype), raw)  # [bt, D/2]
@@ -149,8 +137,9 @@ def rotate_keys(
 ) -> jax.Array:
     """Rotates each token t of ``keys [L, H, T, D]`` by ``amounts[t]`` (int ``[T]``).
 
-    ``inv_freq``: float32 ``[D/2]``; ``num_valid``: int scalar, tokens ``t >= num_valid``
-    come back bit-identical. Returns ``[L, H, T, D]`` in ``keys.dtype``.
+    ``inv_freq``: float32 ``[L, D/2]``, row l the frequencies of layer l; ``num_valid``:
+    int scalar, tokens ``t >= num_valid`` come back bit-identical. Returns
+    ``[L, H, T, D]`` in ``keys.dtype``.
     """
     dispatch.check_rotation(keys, amounts, inv_freq, num_valid)
     return dispatch.run(

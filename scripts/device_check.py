@@ -34,7 +34,7 @@ def bytes_moved(kernel: str, *, L, H, T, D, A, itemsize: int, layout: str) -> in
     """HBM bytes one call moves (docs/kernels.md): reads and writes, tables and weights."""
     row = L * H * D * itemsize  # one token's keys, all layers and heads
     deltas = A * (L - 1) * H * D * itemsize  # one token's deltas; layer 0 is never read
-    tables = 2 * (D // 2) * 4  # cos and sin, float32
+    tables = 2 * L * (D // 2) * 4  # cos and sin per layer, float32
     if kernel == "rotate":
         return T * (2 * row + tables)
     weights = 4 * A * T if layout == "token" else 4 * A * L * H * D
@@ -61,7 +61,12 @@ def copy_bandwidth(num_bytes: int, repeats: int) -> float:
 
 
 def make_inputs(key, *, L, H, T, D, A, layout):
-    """bf16 base/deltas, softmax weights over valid anchors, anchor 1 invalid (NaN)."""
+    """bf16 base/deltas, softmax weights over valid anchors, anchor 1 invalid (NaN).
+
+    RoPE frequencies ``[L, D/2]`` differ from layer to layer (base 1e4 on even layers, 1e6
+    on odd ones), so a kernel that reads the wrong row of ``inv_freq`` disagrees with the
+    reference.
+    """
     k = jax.random.split(key, 4)
     base = jax.random.normal(k[0], (L, H, T, D), DTYPE)  # [L, H, T, D]
     deltas = (0.5 * jax.random.normal(k[1], (A, L, H, T, D))).astype(DTYPE)  # [A, L, H, T, D]
@@ -72,7 +77,8 @@ def make_inputs(key, *, L, H, T, D, A, layout):
     weights = jnp.where(valid.reshape(-1, 1, 1, 1, 1), weights, jnp.nan)
     deltas = jnp.where(valid.reshape(-1, 1, 1, 1, 1), deltas, jnp.nan)
     positions = jax.random.randint(k[3], (T,), 0, 8192, jnp.int32)
-    inv_freq = (1.0 / 500000.0 ** (jnp.arange(0, D, 2) / D)).astype(jnp.float32)
+    bases = jnp.where(jnp.arange(L) % 2 == 1, 1e6, 1e4)[:, None]  # [L, 1]
+    inv_freq = (1.0 / bases ** (jnp.arange(0, D, 2) / D)).astype(jnp.float32)  # [L, D/2]
     return base, deltas, weights, valid, positions, inv_freq, jnp.int32(T - 7)
 
 

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kvcomm_jax.agents.graphs import make_graph  # noqa: E402
 from kvcomm_jax.agents.pipeline import run_pipeline  # noqa: E402
-from kvcomm_jax.agents.tasks import get_task  # noqa: E402
+from kvcomm_jax.agents.tasks import TASKS, get_task  # noqa: E402
 from kvcomm_jax.bench.fidelity import aggregate, fidelity_table, plot_fidelity  # noqa: E402
 from kvcomm_jax.bench.reporting import check_writable, write_json  # noqa: E402
 from kvcomm_jax.kvcomm.engine import EngineConfig  # noqa: E402
@@ -27,7 +27,7 @@ from kvcomm_jax.model.registry import load_model  # noqa: E402
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="gsm8k", choices=("gsm8k", "mmlu", "humaneval"))
+    parser.add_argument("--task", default="gsm8k", choices=tuple(TASKS))
     parser.add_argument("--agents", type=int, default=4, help="agents including the decision agent")
     parser.add_argument("--limit", type=int, default=12)
     parser.add_argument("--gamma", type=float, default=0.3)
@@ -47,7 +47,7 @@ def main() -> int:
     else:
         task = get_task(args.task)
         graph = make_graph("full_connected", args.agents, task.worker_roles, task.decision_role)
-        config = EngineConfig(gamma=args.gamma, max_new_tokens=args.max_new_tokens, measure_fidelity=True)
+        config = EngineConfig(gamma=args.gamma, max_new_tokens=args.max_new_tokens)
         _, results = run_pipeline(load_model(), task, graph, task.load(limit=args.limit), ("kvcomm",), config)
         fidelities = [r.fidelity for row in results["kvcomm"] for r in row.records]
         questions = len(results["kvcomm"])

@@ -17,8 +17,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 from kvcomm_jax.kvcomm.persistence import abstract_pool  # noqa: E402
-from kvcomm_jax.model.config import ModelConfig, RopeScaling, param_shapes  # noqa: E402
+from kvcomm_jax.model.config import ModelConfig, RopeScaling  # noqa: E402
 from kvcomm_jax.model.kv_cache import init_cache  # noqa: E402
+from kvcomm_jax.model.params import param_shapes  # noqa: E402
 from kvcomm_jax.scale import sharding  # noqa: E402
 
 LLAMA_31_8B = ModelConfig(
@@ -53,8 +54,8 @@ def main() -> None:
         mesh = sharding.make_mesh(sizes, jax.devices()[:n])
         spec = ",".join(f"{k}={v}" for k, v in sizes.items())
         row = [
-            sharding.bytes_per_device(pool, sharding.pool_shardings(pool, mesh)),
-            sharding.bytes_per_device(cache, sharding.cache_shardings(cache, mesh)),
+            sharding.bytes_per_device(pool, sharding.shardings_for(pool, mesh)),
+            sharding.bytes_per_device(cache, sharding.shardings_for(cache, mesh)),
             sharding.bytes_per_device(params, sharding.params_shardings(c, mesh)),
         ]
         print(f"| {n} | {spec} | " + " | ".join(_gib(b) for b in row) + " |")

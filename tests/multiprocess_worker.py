@@ -16,11 +16,12 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from kvcomm_jax.kvcomm.reuse import PlaceholderInputs, correct_segments
+from kvcomm_jax.kvcomm.anchor_pool import ConsumerDeltas
+from kvcomm_jax.kvcomm.reuse import AnchorInputs, PlaceholderInputs, correct_segments
 from kvcomm_jax.kvcomm.segments import SegmentKV
 from kvcomm_jax.model.config import tiny_config
 from kvcomm_jax.model.kv_cache import init_cache
-from kvcomm_jax.model.rope import inverse_frequencies
+from kvcomm_jax.model.rope import rope_tables
 from kvcomm_jax.model.transformer import forward, init_params
 from kvcomm_jax.scale import sharding
 from kvcomm_jax.scale.distributed import maybe_initialize_distributed
@@ -41,19 +42,29 @@ def make_case(seed: int = SEED) -> dict:
         return (scale * rng.standard_normal(shape)).astype(np.float32)
 
     def placeholder(content_tokens, length, prefix_tokens, start):
+        content = SegmentKV(normal(L, H, content_tokens, D), normal(L, H, content_tokens, D), np.int32(length))
+        prefix = SegmentKV(normal(L, H, prefix_tokens, D), normal(L, H, prefix_tokens, D), np.int32(prefix_tokens - 2))
+        anchor_keys, anchor_values = normal(V, L, H, content_tokens, D), normal(V, L, H, content_tokens, D)
+        usable = np.asarray([True, True, False, True])
+        deltas = ConsumerDeltas(
+            placeholder_keys=normal(V, L, H, content_tokens, D, scale=0.1),
+            placeholder_values=normal(V, L, H, content_tokens, D, scale=0.1),
+            prefix_keys=normal(V, L, H, prefix_tokens, D, scale=0.1),
+            prefix_values=normal(V, L, H, prefix_tokens, D, scale=0.1),
+            present=usable,
+        )
         return PlaceholderInputs(
-            content=SegmentKV(normal(L, H, content_tokens, D), normal(L, H, content_tokens, D), np.int32(length)),
-            prefix=SegmentKV(normal(L, H, prefix_tokens, D), normal(L, H, prefix_tokens, D), np.int32(prefix_tokens - 2)),
+            content=content,
+            prefix=prefix,
             content_start=np.int32(start),
             prefix_start=np.int32(start + length),
-            anchor_keys=normal(V, L, H, content_tokens, D),
-            anchor_values=normal(V, L, H, content_tokens, D),
-            anchor_lengths=np.asarray([length, content_tokens, length + 1, content_tokens - 1], np.int32),
-            usable=np.asarray([True, True, False, True]),
-            ph_keys=normal(V, L, H, content_tokens, D, scale=0.1),
-            ph_values=normal(V, L, H, content_tokens, D, scale=0.1),
-            pf_keys=normal(V, L, H, prefix_tokens, D, scale=0.1),
-            pf_values=normal(V, L, H, prefix_tokens, D, scale=0.1),
+            anchors=AnchorInputs(
+                keys=anchor_keys,
+                values=anchor_values,
+                lengths=np.asarray([length, content_tokens, length + 1, content_tokens - 1], np.int32),
+                usable=usable,
+                deltas=deltas,
+            ),
         )
 
     return dict(
@@ -62,7 +73,7 @@ def make_case(seed: int = SEED) -> dict:
         tokens=rng.randint(0, config.vocab_size, (BATCH, PROMPT)).astype(np.int32),
         positions=np.broadcast_to(np.arange(PROMPT, dtype=np.int32), (BATCH, PROMPT)).copy(),
         placeholders=(placeholder(16, 11, 8, 5), placeholder(32, 27, 16, 30)),
-        inv_freq=inverse_frequencies(config),
+        rope=rope_tables(config),
     )
 
 
@@ -70,22 +81,25 @@ def run_reference(case: dict, apply_offsets: bool = True) -> dict:
     """The case on one device, with the unsharded functions: name -> numpy array."""
     config = case["config"]
     logits, cache = forward(case["params"], case["tokens"], case["positions"], init_cache(config, BATCH, CAPACITY), config)
-    segments = correct_segments(case["placeholders"], case["inv_freq"], apply_offsets=apply_offsets, impl="reference")
+    segments = correct_segments(case["placeholders"], case["rope"], apply_offsets=apply_offsets, impl="reference")
     return _named(logits, cache, segments)
 
 
 def run_sharded(case: dict, mesh, apply_offsets: bool = True) -> dict:
-    """The case on ``mesh`` through :mod:`kvcomm_jax.scale.sharding`: name -> global jax array."""
+    """The case on ``mesh``: inputs placed by :mod:`kvcomm_jax.scale.sharding`, the same jitted functions.
+
+    Returns name -> global jax array.
+    """
     config = case["config"]
-    params = sharding.shard(case["params"], sharding.params_shardings(config, mesh))
-    cache_sh = sharding.cache_shardings((config.num_layers, BATCH, config.num_kv_heads, CAPACITY, config.head_dim), mesh)
+    params = sharding.place(case["params"], mesh, sharding.params_shardings(config, mesh))
+    cache_sh = sharding.shardings_for(jax.eval_shape(lambda: init_cache(config, BATCH, CAPACITY)), mesh)
     cache = jax.jit(init_cache, static_argnums=(0, 1, 2), out_shardings=cache_sh)(config, BATCH, CAPACITY)  # made in place
     rows = sharding.logical_sharding(("batch", "tokens"), (BATCH, PROMPT), mesh)
-    tokens, positions = sharding.shard((case["tokens"], case["positions"]), (rows, rows))
-    logits, cache = sharding.forward(params, tokens, positions, cache, config, mesh)
-    inputs = sharding.shard(case["placeholders"], tuple(sharding.placeholder_shardings(p, mesh) for p in case["placeholders"]))
-    inv_freq = sharding.shard(case["inv_freq"], sharding.replicated(mesh))
-    segments = sharding.correct_segments(inputs, inv_freq, mesh, apply_offsets=apply_offsets, impl="reference")
+    tokens, positions = sharding.place((case["tokens"], case["positions"]), mesh, (rows, rows))
+    logits, cache = forward(params, tokens, positions, cache, config)
+    inputs = sharding.place(case["placeholders"], mesh)
+    rope = sharding.place(case["rope"], mesh)
+    segments = correct_segments(inputs, rope, apply_offsets=apply_offsets, impl="reference")
     return _named(logits, cache, segments)
 
 

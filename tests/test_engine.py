@@ -5,10 +5,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-import kvcomm_jax.kvcomm.engine as engine_module
+import kvcomm_jax.kvcomm.runner as runner_module
 from kvcomm_jax.compile_counter import CompileCounter
 from kvcomm_jax.kvcomm.anchor_pool import empty_pool
 from kvcomm_jax.kvcomm.engine import EngineConfig, KVCommEngine
+from kvcomm_jax.kvcomm.strategies import RotateOnly
 from kvcomm_jax.kvcomm.templates import AgentPrompt
 from kvcomm_jax.model.kv_cache import init_cache
 from kvcomm_jax.model.registry import load_model
@@ -43,7 +44,7 @@ def _relative(a, b):
 
 
 def _dense_cache(engine, call):
-    first, cache, _, _ = engine._prefill(call.ids, call.capacity, jax.random.PRNGKey(0))
+    first, cache, _, _ = engine.runner.prefill(call.ids, call.capacity, jax.random.PRNGKey(0))
     return first, cache
 
 
@@ -98,9 +99,9 @@ def test_reuse_cache_keeps_layer_zero_exact_and_corrects_other_layers(warm_engin
     request = warm_engine.new_request(SHORT_QUESTIONS[0])
     warm_engine.run_agent(request, 0)
     call = warm_engine.prepare_call(request, 1)
-    assert warm_engine._can_reuse(1, call.contents)
-    corrected = warm_engine.reuse_cache(call, apply_offsets=True)
-    rotated = warm_engine.reuse_cache(call, apply_offsets=False)
+    assert warm_engine.strategy.decide(warm_engine.context, call).reuse
+    corrected = warm_engine.reuse_cache(call)
+    rotated = warm_engine.reuse_cache(call, RotateOnly())
     _, dense = _dense_cache(warm_engine, call)
     n = len(call.ids) - 1
     assert _relative(corrected.keys[0, 0, :, :n], dense.keys[0, 0, :, :n]) < 1e-5
@@ -125,13 +126,13 @@ def test_reuse_path_uses_the_corrected_cache_and_runs_one_token(warm_engine, mon
     assert float(jnp.abs(logits - logits_p).max()) > 1e-3
 
     shapes = []
-    real_prefill = engine_module.prefill
+    real_prefill = runner_module.prefill
 
     def recording_prefill(params, tokens, *args, **kwargs):
         shapes.append(tuple(tokens.shape))
         return real_prefill(params, tokens, *args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "prefill", recording_prefill)
+    monkeypatch.setattr(runner_module, "prefill", recording_prefill)
     record = warm_engine.run_agent(request, 1)
     assert record.path == "reuse"
     assert shapes and set(shapes) == {(1, 1)}  # one-token forwards only (run twice if it compiled)
@@ -188,6 +189,14 @@ def test_dense_and_rotate_only_modes_share_the_code_path():
             rotate.run_agent(rr, agent)
     assert not dense.pools
     assert rr.records[0].path == "reuse" and rr.records[0].breakdown_ms["matching_offset"] >= 0
+    # rotate-only skips the offsets: every reused value (values are never rotated) is its base's, bit for bit
+    call = rotate.prepare_call(rr, 1)
+    cache = rotate.reuse_cache(call)
+    template_kv = rotate.templates.kv(1)
+    for i, name in enumerate(call.layout.placeholders):
+        for span, base in ((call.layout.content(i), call.contents[name].base), (call.layout.prefix(i + 1), template_kv.prefix(i + 1))):
+            got = cache.values[:, 0, :, span.start : span.end]  # [L, H, n, D]
+            assert jnp.array_equal(got, base.values[:, :, : span.length]), (name, span)
 
 
 def test_bad_input_gives_clear_errors():

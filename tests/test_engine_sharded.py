@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 
+from kvcomm_jax.bench.fidelity import kv_fidelity
 from kvcomm_jax.kvcomm.engine import EngineConfig, KVCommEngine
 from kvcomm_jax.scale.sharding import make_mesh
 from kvcomm_jax.testing import tiny_loaded_model
@@ -20,9 +21,10 @@ def _run(engine):
 def test_sharded_engine_matches_single_device():
     assert jax.device_count() == 8
     model = tiny_loaded_model(num_heads=8, num_kv_heads=4, head_dim=8, hidden_size=64)
-    config = EngineConfig(max_new_tokens=6, gamma=10.0, impl="reference", measure_fidelity=True)
+    config = EngineConfig(max_new_tokens=6, gamma=10.0, impl="reference")
     mesh = make_mesh("data=2,model=4")
-    single, sharded = KVCommEngine(model, PROMPTS, config), KVCommEngine(model, PROMPTS, config, mesh=mesh)
+    single = KVCommEngine(model, PROMPTS, config, probes=(kv_fidelity,))
+    sharded = KVCommEngine(model, PROMPTS, config, mesh=mesh, probes=(kv_fidelity,))
     a, b = _run(single), _run(sharded)
     assert [r.path for r in a] == [r.path for r in b] and "reuse" in [r.path for r in a]
     for ra, rb in zip(a, b):

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from kvcomm_jax.compile_counter import CompileCounter
-from kvcomm_jax.model.config import RopeScaling, check_param_shapes, tiny_config
+from kvcomm_jax.model.config import RopeScaling, tiny_config
 from kvcomm_jax.model.generation import generate
 from kvcomm_jax.model.kv_cache import init_cache
+from kvcomm_jax.model.params import check_param_shapes
 from kvcomm_jax.model.rope import apply_rope, inverse_frequencies
 from kvcomm_jax.model.sampling import SamplingConfig, sample_next
 from kvcomm_jax.model.transformer import forward, init_params

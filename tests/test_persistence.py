@@ -77,35 +77,48 @@ def test_pools_round_trip_bit_exact(tmp_path, pools):
     assert sorted(restored["agent_0_current"].consumers) == ["1", "2"]
 
 
+def _prediction(pool, values, length):
+    """``predict`` against ``pool`` as plain values: (becomes_anchor, activation increments, entropy)."""
+    becomes_anchor, increments, entropy = predict(values, length, pool.values, pool.lengths, pool.valid, 0.3)
+    return bool(becomes_anchor), np.asarray(increments).tolist(), float(entropy)
+
+
 def test_restored_pool_makes_the_same_predictions(tmp_path, pools):
-    pool = pools["user_question"]
+    pool = pools["user_question"]  # anchors 16, 15 and 14 tokens long
     save_pools(tmp_path, {"q": pool}, FINGERPRINT)
     restored = load_pools(tmp_path, FINGERPRINT)["q"]
     rng = np.random.RandomState(7)
+    shape = pool.values.shape[1:]
+    contents = {
+        "near_anchor_0": jnp.asarray(np.asarray(pool.values[0]) + 0.01 * rng.standard_normal(shape), jnp.float32),
+        "unrelated": jnp.asarray(rng.standard_normal(shape), jnp.float32),
+    }
+    predicted = {}
     for length in (9, 14, 16):
-        # near anchor 0 (shareable) and random (becomes an anchor)
-        for values in (np.asarray(pool.values[0]) + 0.01 * rng.standard_normal(pool.values.shape[1:]),
-                       rng.standard_normal(pool.values.shape[1:])):
-            values = jnp.asarray(values, jnp.float32)
-            want = predict(values, length, pool.values, pool.lengths, pool.valid, 0.3)
-            got = predict(values, length, restored.values, restored.lengths, restored.valid, 0.3)
-            for w, g in zip(want, got):
-                assert np.asarray(w).tobytes() == np.asarray(g).tobytes()
+        for name, values in contents.items():
+            predicted[name, length] = _prediction(pool, values, length)
+            assert _prediction(restored, values, length) == predicted[name, length], (name, length)
+    # every outcome occurs, so the equalities above are informative
+    for length in (9, 14):
+        assert predicted["near_anchor_0", length][:2] == (False, [1, 0, 0, 0])  # shared; anchor 0 activated
+        assert predicted["unrelated", length][:2] == (True, [0, 0, 0, 0])  # too uncertain: a new anchor
+        assert predicted["near_anchor_0", length][2] < predicted["unrelated", length][2]
+    assert predicted["near_anchor_0", 16][0]  # only anchor 0 is 16 tokens long: a new anchor
 
 
 def test_pools_restore_into_mesh_shardings(tmp_path, pools):
     mesh = sharding.make_mesh("data=2,model=4")
     save_pools(tmp_path, {"q": pools["user_question"]}, FINGERPRINT)
     restored = load_pools(tmp_path, FINGERPRINT, shardings=mesh)["q"]
-    want = sharding.pool_shardings(restored, mesh)
-    for x, s in zip(jax.tree.leaves(restored), jax.tree.leaves(want)):
+    want = sharding.shardings_for(restored, mesh)
+    for x, s in zip(jax.tree.leaves(restored), jax.tree.leaves(want), strict=True):
         assert x.sharding == s
     assert restored.keys.addressable_shards[0].data.nbytes * 8 == restored.keys.nbytes
     _assert_identical(restored, pools["user_question"])
     # explicit shardings must match the saved structure
     without_consumer = pools["user_question"].replace(consumers={})
     with pytest.raises(ValueError, match="do not match the checkpoint's structure"):
-        load_pools(tmp_path, FINGERPRINT, shardings={"q": sharding.pool_shardings(without_consumer, mesh)})
+        load_pools(tmp_path, FINGERPRINT, shardings={"q": sharding.shardings_for(without_consumer, mesh)})
 
 
 def test_params_round_trip_bit_exact_and_sharded(tmp_path):

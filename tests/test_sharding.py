@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 from multiprocess_worker import (
     BATCH,
     CAPACITY,
@@ -16,7 +17,7 @@ from multiprocess_worker import (
 from kvcomm_jax.compile_counter import no_new_compiles
 from kvcomm_jax.kvcomm.anchor_pool import empty_pool, insert_anchor, record_deltas
 from kvcomm_jax.model.config import tiny_config
-from kvcomm_jax.model.kv_cache import init_cache
+from kvcomm_jax.model.kv_cache import KVCache, init_cache
 from kvcomm_jax.model.transformer import forward
 from kvcomm_jax.scale import sharding
 
@@ -37,6 +38,11 @@ def case():
 def _assert_trees_close(got, want):
     for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), **TOL, err_msg=jax.tree_util.keystr(path))
+
+
+def _assert_layout(x, mesh, spec):
+    """``x`` is laid out as ``PartitionSpec(*spec)`` on ``mesh`` (trailing ``None``s or not)."""
+    assert x.sharding.is_equivalent_to(NamedSharding(mesh, PartitionSpec(*spec)), x.ndim), (x.sharding, spec)
 
 
 def _assert_spread(x, ways):
@@ -97,7 +103,9 @@ def test_indivisible_dimensions_fall_back_to_replication(mesh):
     assert specs["layers"]["attn"]["k_proj"]["kernel"] == (None, None, None)
     assert specs["embed"]["embedding"] == (None, None)  # vocab 97
     assert specs["layers"]["mlp"]["up_proj"]["kernel"] == (None, None, "model")  # 48 / 4
-    cache = sharding.cache_shardings((3, 1, 3, 16, 8), mesh)  # batch 1, 3 KV heads
+    kv = jax.ShapeDtypeStruct((3, 1, 3, 16, 8), jnp.float32)  # batch 1, 3 KV heads
+    abstract = KVCache(kv, kv, jax.ShapeDtypeStruct((1, 16), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
+    cache = sharding.shardings_for(abstract, mesh)
     assert tuple(cache.keys.spec) == (None, None, None, None, None)
 
 
@@ -109,8 +117,8 @@ def test_sharded_prefill_and_offsets_equal_one_device(mesh, case, apply_offsets)
     got = run_sharded(case, mesh, apply_offsets=apply_offsets)
     want = run_reference(case, apply_offsets=apply_offsets)
     _assert_trees_close(got, want)
-    assert tuple(got["logits"].sharding.spec) == ("data", None, "model")
-    assert tuple(got["cache_keys"].sharding.spec) == (None, "data", "model", None, None)
+    _assert_layout(got["logits"], mesh, ("data", None, "model"))
+    _assert_layout(got["cache_keys"], mesh, (None, "data", "model", None, None))
     _assert_spread(got["cache_keys"], 8)
     assert tuple(got["content1_keys"].sharding.spec)[:2] == (None, "model")
     _assert_spread(got["content1_keys"], 4)
@@ -120,24 +128,24 @@ def test_sharded_prefill_and_offsets_equal_one_device(mesh, case, apply_offsets)
 
 def test_sharded_decode_equals_one_device_without_recompiling(mesh, case):
     config = case["config"]
-    params = sharding.shard(case["params"], sharding.params_shardings(config, mesh))
+    params = sharding.place(case["params"], mesh, sharding.params_shardings(config, mesh))
     tokens, positions = case["tokens"], case["positions"]
     ref_cache = init_cache(config, BATCH, CAPACITY)
-    cache = sharding.shard(ref_cache, sharding.cache_shardings(ref_cache, mesh))
+    cache = sharding.place(ref_cache, mesh)
     ref_logits, ref_cache = forward(case["params"], tokens[:, :8], positions[:, :8], ref_cache, config)
-    logits, cache = sharding.forward(params, tokens[:, :8], positions[:, :8], cache, config, mesh)
+    logits, cache = forward(params, tokens[:, :8], positions[:, :8], cache, config)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), **TOL)
     step_inputs = [(jnp.asarray(tokens[:, t : t + 1]), jnp.asarray(positions[:, t : t + 1])) for t in range(8, 12)]
     for i, (tok, pos) in enumerate(step_inputs):
         ref_step, ref_cache = forward(case["params"], tok, pos, ref_cache, config)
         if i == 1:  # after the first decode step compiled, later steps reuse it
             with no_new_compiles():
-                step, cache = sharding.forward(params, tok, pos, cache, config, mesh)
+                step, cache = forward(params, tok, pos, cache, config)
         else:
-            step, cache = sharding.forward(params, tok, pos, cache, config, mesh)
+            step, cache = forward(params, tok, pos, cache, config)
         np.testing.assert_allclose(np.asarray(step), np.asarray(ref_step), **TOL)
     _assert_trees_close(cache, ref_cache)
-    assert cache.keys.sharding == sharding.cache_shardings(cache, mesh).keys
+    assert cache.keys.sharding.is_equivalent_to(sharding.shardings_for(cache, mesh).keys, cache.keys.ndim)
 
 
 # ------------------------------------------------------------------------------ pools
@@ -175,29 +183,33 @@ def test_pool_updates_on_sharded_pool_equal_unsharded(mesh, case):
         lambda p, s, c, *a: record_deltas(p, s, c, *a),
         fresh(),
     )
-    pool = sharding.shard(fresh(), sharding.pool_shardings(fresh(), mesh))
+    def insert_placed(p, k, v, n):  # as the engine's anchor store does: update, then lay out again
+        p, slot = insert_anchor(p, k, v, n, window=2)
+        return sharding.place(p, mesh), slot
+
     got = build(
-        lambda p, k, v, n: sharding.insert_anchor(p, k, v, n, 2, mesh),
-        lambda p, s, c, *a: sharding.record_deltas(p, s, c, *a, mesh),
-        pool,
+        insert_placed,
+        lambda p, s, c, *a: sharding.place(record_deltas(p, s, c, *a), mesh),
+        sharding.place(fresh(), mesh),
     )
     assert sorted(got.consumers) == ["1", "2"] and got.slots == 4
     _assert_trees_close(got, want)
     # every anchor stack (base and deltas) is split: anchors over data, KV heads over model
     for stack in (got.keys, got.values, *[x for c in got.consumers.values() for x in
                                           (c.placeholder_keys, c.placeholder_values, c.prefix_keys, c.prefix_values)]):
-        assert tuple(stack.sharding.spec) == ("data", None, "model", None, None)
+        _assert_layout(stack, mesh, ("data", None, "model", None, None))
         _assert_spread(stack, 8)
     assert got.valid.sharding.is_fully_replicated
-    assert jax.tree.structure(got) == jax.tree.structure(sharding.pool_shardings(got, mesh))
+    assert jax.tree.structure(got) == jax.tree.structure(sharding.shardings_for(got, mesh))
 
 
 def test_pool_token_axis_grows_sharded(mesh, case):
     config = case["config"]
     pool = empty_pool(4, config.num_layers, config.num_kv_heads, config.head_dim, 16, jnp.float32)
-    pool = sharding.shard(pool, sharding.pool_shardings(pool, mesh))
+    pool = sharding.place(pool, mesh)
     keys = np.ones((config.num_layers, config.num_kv_heads, 32, config.head_dim), np.float32)
-    pool, slot = sharding.insert_anchor(pool, keys, keys, 20, 2, mesh)
+    pool, slot = insert_anchor(pool, keys, keys, 20, window=2)
+    pool = sharding.place(pool, mesh)
     assert pool.token_capacity == 32 and slot == 0
     _assert_spread(pool.keys, 8)
 
@@ -206,4 +218,4 @@ def test_bytes_per_device(mesh):
     pool = jax.eval_shape(lambda: empty_pool(20, 32, 8, 128, 1024, jnp.bfloat16))
     stack = 20 * 32 * 8 * 1024 * 128 * 2  # one bf16 [V, L, H, T, D] array
     bookkeeping = 3 * 20 * 4 + 20 + 4  # lengths, activations, ages int32; valid bool; next_age
-    assert sharding.bytes_per_device(pool, sharding.pool_shardings(pool, mesh)) == 2 * stack // 8 + bookkeeping
+    assert sharding.bytes_per_device(pool, sharding.shardings_for(pool, mesh)) == 2 * stack // 8 + bookkeeping

@@ -15,8 +15,9 @@ from safetensors.numpy import save_file
 from test_tokenizer import CHATML_TEMPLATE, LLAMA3_TEMPLATE, byte_level_metadata
 
 from kvcomm_jax.model import registry as model_registry
-from kvcomm_jax.model.config import RopeScaling, param_shapes, tiny_config
+from kvcomm_jax.model.config import RopeScaling, tiny_config
 from kvcomm_jax.model.kv_cache import init_cache
+from kvcomm_jax.model.params import param_shapes
 from kvcomm_jax.model.rope import inverse_frequencies
 from kvcomm_jax.model.tokenizer import Tokenizer
 from kvcomm_jax.model.transformer import forward
@@ -62,8 +63,19 @@ def leaf(params, path):
 
 
 def llama_cpp_permute(w, n_heads):
-    """What llama.cpp's converter does to Q/K rows of llama models (rotate-half -> interleaved)."""
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    """Q/K rows ``w [n_heads*hd, ...]`` in the interleaved order of llama.cpp's converter.
+
+    Written row by row from the converter's description, independently of the loader's
+    reshape: within each head, GGUF rows ``(2i, 2i+1)`` hold rows ``(i, i + hd/2)`` of the
+    rotate-half layout.
+    """
+    hd = w.shape[0] // n_heads
+    out = np.empty_like(w)
+    for head in range(n_heads):
+        for i in range(hd // 2):
+            out[head * hd + 2 * i] = w[head * hd + i]
+            out[head * hd + 2 * i + 1] = w[head * hd + i + hd // 2]
+    return out
 
 
 def checkpoint_tensors(config, params, hf: bool, permute: bool = False) -> dict:
@@ -173,10 +185,12 @@ def test_llama_gguf_unpermutes_qk_and_matches_logits(tmp_path):
     config = tiny_config(vocab_size=VOCAB)
     params = random_params(config)
     tensors = checkpoint_tensors(config, params, hf=False, permute=True)
+    for name, proj in (("attn_q", "q_proj"), ("attn_k", "k_proj")):  # the file's rows are reordered
+        assert not np.array_equal(tensors[f"blk.0.{name}.weight"], params["layers"]["attn"][proj]["kernel"][0].T)
     path = write_gguf(tmp_path / "llama.gguf", "llama", config, tensors)
     got_config, got, tokenizer, chat = load_gguf(path)
     assert got_config == config
-    assert_same_params(got, params, rtol=0, atol=0)
+    assert_same_params(got, params, rtol=0, atol=0)  # Q/K kernels back in rotate-half order
     assert_same_logits(config, got, params)
     assert chat.name == "chatml" and tokenizer.eos_ids == (0, tokenizer.token_id("<|im_end|>"))
     assert tokenizer.decode(tokenizer.encode("héllo 123")) == "héllo 123"

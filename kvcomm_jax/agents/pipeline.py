@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from kvcomm_jax.agents.graphs import AgentGraph
 from kvcomm_jax.agents.tasks import Example, Task
-from kvcomm_jax.kvcomm.engine import EngineConfig, KVCommEngine
+from kvcomm_jax.bench.fidelity import kv_fidelity
+from kvcomm_jax.kvcomm.engine import MODES, EngineConfig, KVCommEngine
 from kvcomm_jax.kvcomm.persistence import load_pools, model_fingerprint, save_pools
 from kvcomm_jax.kvcomm.records import (
     CallRecord,
@@ -28,13 +29,7 @@ from kvcomm_jax.kvcomm.records import (
 from kvcomm_jax.kvcomm.templates import AgentPrompt, condition_placeholder
 from kvcomm_jax.model.registry import LoadedModel
 
-MODE_CHOICES = {
-    "dense": ("dense",),
-    "kvcomm": ("kvcomm",),
-    "rotate_only": ("rotate_only",),
-    "both": ("dense", "kvcomm"),
-    "all": ("dense", "kvcomm", "rotate_only"),
-}
+MODE_CHOICES = {**{mode: (mode,) for mode in MODES}, "both": ("dense", "kvcomm"), "all": MODES}
 
 
 def agent_prompts(task: Task, graph: AgentGraph) -> list[AgentPrompt]:
@@ -101,7 +96,7 @@ def summarize(results: dict[str, list[QuestionResult]], agent_ids: Sequence[int]
                 "first_token": _mean([float(f["first_token_agrees"]) for f in fidelity]),
                 "first_token_calls": len(fidelity),
             }
-    return {"modes": modes, "agreement_by_mode": agreement}
+    return {"modes": modes, "agreement": agreement}
 
 
 def run_pipeline(
@@ -112,25 +107,31 @@ def run_pipeline(
     modes: Sequence[str],
     config: EngineConfig,
     progress: bool = True,
+    measure_fidelity: bool = True,
     mesh=None,
     load_pool: str | None = None,
     save_pool: str | None = None,
 ) -> tuple[dict, dict[str, list[QuestionResult]]]:
     """Run ``examples`` through ``graph`` in each mode. Returns ``(summary, results per mode)``.
 
+    ``measure_fidelity``: run :func:`~kvcomm_jax.bench.fidelity.kv_fidelity` on every reuse call
+    (a dense prefill of the same prompt, outside the call's TTFT).
     ``load_pool`` / ``save_pool``: a folder holding one anchor-pool checkpoint per
     non-dense mode (``<folder>/<mode>``), restored before the first question and saved
     after the last, so a later job can warm-start from this one's anchors.
     """
     prompts = agent_prompts(task, graph)
+    probes = (kv_fidelity,) if measure_fidelity else ()
     engines = {
-        mode: KVCommEngine(model, prompts, dataclasses.replace(config, mode=mode, lead_in=task.context_lead_in), mesh=mesh)
+        mode: KVCommEngine(
+            model, prompts, dataclasses.replace(config, mode=mode, lead_in=task.context_lead_in), mesh=mesh, probes=probes
+        )
         for mode in modes
     }
     fingerprint = model_fingerprint(model.config)
     if load_pool:
         for mode, engine in engines.items():
-            if mode != "dense":
+            if engine.strategy.uses_anchors:
                 engine.set_pools(load_pools(os.path.join(load_pool, mode), fingerprint, shardings=mesh))
     results: dict[str, list[QuestionResult]] = {mode: [] for mode in modes}
     for example in tqdm(examples, desc=f"{task.name} ({'+'.join(modes)})", unit="question", disable=not progress):
@@ -138,9 +139,6 @@ def run_pipeline(
             results[mode].append(run_question(engine, task, graph, example))
     if save_pool:
         for mode, engine in engines.items():
-            if mode != "dense":
+            if engine.strategy.uses_anchors:
                 save_pools(os.path.join(save_pool, mode), engine.pools, fingerprint)
-    summary = summarize(results, graph.topological_order())
-    non_dense = [m for m in modes if m != "dense"]
-    summary["agreement"] = summary["agreement_by_mode"].get(non_dense[0], {}) if non_dense else {}
-    return summary, results
+    return summarize(results, graph.topological_order()), results

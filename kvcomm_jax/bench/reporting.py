@@ -56,7 +56,7 @@ def pipeline_table(summary: dict) -> str:
         ["mode", "accuracy %", "reuse % (calls)", "reuse % (tokens)", "TTFT mean ms", "TTFT median ms", "median TTFT per agent ms"],
         rows,
     )
-    for mode, a in summary.get("agreement_by_mode", {}).items():
+    for mode, a in summary["agreement"].items():
         table += (
             f"\n\n{mode} vs dense: final answer agreement {_fmt(a['final_answer'] and a['final_answer'] * 100)}%, "
             f"first-token agreement on reuse calls {_fmt(a['first_token'] and a['first_token'] * 100)}% "

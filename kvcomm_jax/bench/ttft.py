@@ -1,11 +1,11 @@
-"""The TTFT benchmark on the "CopyMachine" workload (kvcomm_algorithm.md section 11).
+"""The TTFT benchmark on the "CopyMachine" workload (the paper's TTFT setting: 5 agents, 512-token prefixes, 1K-token inputs, 512 output tokens).
 
 Every agent gets a long system prompt, a long random question of Ω/Δ symbols,
 and the outputs of all agents before it, and is asked to copy symbols for a
 fixed number of tokens (EOS ignored, so every output has exactly that length).
-The engine runs in ``kvcomm`` mode with ``measure_fidelity``: right after each
-reuse call it prefills the very same prompt densely, so dense and KVCOMM TTFT
-are measured in one process on identical prompts. The first requests only
+The engine runs in ``kvcomm`` mode with the :func:`~kvcomm_jax.bench.fidelity.kv_fidelity`
+probe: right after each reuse call it prefills the very same prompt densely, so
+dense and KVCOMM TTFT are measured in one process on identical prompts. The first requests only
 create anchors (dense) and one more warms up the reuse path's compilation;
 neither counts towards the speedups.
 """
@@ -19,8 +19,10 @@ import statistics
 
 from tqdm import tqdm
 
+from kvcomm_jax.bench.fidelity import kv_fidelity
 from kvcomm_jax.kvcomm.engine import EngineConfig, KVCommEngine
-from kvcomm_jax.kvcomm.templates import AgentPrompt, response_placeholder
+from kvcomm_jax.kvcomm.records import reuse_rate
+from kvcomm_jax.kvcomm.templates import AgentPrompt, field, response_placeholder
 from kvcomm_jax.model.registry import LoadedModel
 from kvcomm_jax.model.tokenizer import Tokenizer
 
@@ -77,7 +79,7 @@ def copy_machine_prompts(tokenizer: Tokenizer, settings: TTFTSettings) -> list[A
         system = text_of_tokens(tokenizer, _words(f"Agent {i}. " + _FILLER), settings.prefix_tokens)
         user = LEAD_IN + "{user_question}"
         for j in range(i):
-            user += f"\n\nAgent {j}, role is copy machine, output is: {{{response_placeholder(j)}}}"
+            user += f"\n\nAgent {j}, role is copy machine, output is: " + field(response_placeholder(j))
         user += f"\n\nCopy the symbols of the task exactly, {settings.output_tokens} symbols."
         prompts.append(AgentPrompt(i, system, user))
     return prompts
@@ -95,8 +97,9 @@ def run_ttft_benchmark(model: LoadedModel, settings: TTFTSettings, progress: boo
         copy_machine_prompts(tokenizer, settings),
         EngineConfig(
             mode="kvcomm", gamma=settings.gamma, max_new_tokens=settings.output_tokens, lead_in=LEAD_IN,
-            impl=settings.impl, measure_fidelity=True, ignore_eos=True,
+            impl=settings.impl, ignore_eos=True,
         ),
+        probes=(kv_fidelity,),
     )
     rng = random.Random(settings.seed)
     unmeasured = settings.anchor_requests + settings.warmup_requests
@@ -133,7 +136,7 @@ def run_ttft_benchmark(model: LoadedModel, settings: TTFTSettings, progress: boo
         })
     return {
         "agents": agents,
-        "reuse_rate": sum(rec.path == "reuse" for rec in calls) / len(calls),
+        "reuse_rate": reuse_rate(calls),
         "anchor_requests": {
             "count": len(anchor_calls),
             "paths": [[rec.path for rec in records] for records in anchor_calls],

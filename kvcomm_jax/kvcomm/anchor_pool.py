@@ -23,6 +23,9 @@ from flax import struct
 from kvcomm_jax.kvcomm.segments import fit_tokens
 from kvcomm_jax.model.buckets import bucket_length
 
+ANCHOR_AXES = ("anchors", "layers", "kv_heads", "tokens", "head_dim")  # [V, L, H, T, D] stacks
+SLOT_AXES = ("anchor_slots",)  # [V] bookkeeping, replicated: the host reads it
+
 
 @struct.dataclass
 class ConsumerDeltas:
@@ -32,6 +35,14 @@ class ConsumerDeltas:
     prefix_keys, prefix_values:           ``[V, L, H, Tp, D]`` over the consumer's prefix segment
     present:                              ``[V]`` bool, slot holds this consumer's deltas
     """
+
+    logical_axes = {  # see kvcomm_jax.scale.sharding
+        "placeholder_keys": ANCHOR_AXES,
+        "placeholder_values": ANCHOR_AXES,
+        "prefix_keys": ANCHOR_AXES,
+        "prefix_values": ANCHOR_AXES,
+        "present": SLOT_AXES,
+    }
 
     placeholder_keys: jax.Array
     placeholder_values: jax.Array
@@ -53,6 +64,15 @@ class AnchorPool:
     consumers:    agent id (as a string key) -> :class:`ConsumerDeltas`
     """
 
+    logical_axes = {  # see kvcomm_jax.scale.sharding
+        "keys": ANCHOR_AXES,
+        "values": ANCHOR_AXES,
+        "lengths": SLOT_AXES,
+        "valid": SLOT_AXES,
+        "activations": SLOT_AXES,
+        "ages": SLOT_AXES,
+    }
+
     keys: jax.Array
     values: jax.Array
     lengths: jax.Array
@@ -61,7 +81,7 @@ class AnchorPool:
     ages: jax.Array
     next_age: jax.Array
     consumers: dict
-    capacity: int = struct.field(pytree_node=False, default=20)
+    capacity: int = struct.field(pytree_node=False)
 
     @property
     def slots(self) -> int:

@@ -1,4 +1,4 @@
-"""Anchor matching weights and anchor prediction (kvcomm_algorithm.md sections 6 and 8).
+"""Anchor matching weights and anchor prediction (docs/design.md §6 and §8).
 
 All functions are jit-friendly, masked for padded tokens and unusable anchors,
 and do their softmax in float32 with temperature 1.

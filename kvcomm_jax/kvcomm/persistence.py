@@ -32,11 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, SingleDeviceSharding
+from jax.sharding import Mesh
 
 from kvcomm_jax.kvcomm.anchor_pool import AnchorPool, empty_pool, record_deltas
-from kvcomm_jax.model.config import ModelConfig, check_param_shapes, param_shapes
-from kvcomm_jax.scale.sharding import params_shardings, pool_shardings
+from kvcomm_jax.model.config import ModelConfig
+from kvcomm_jax.model.params import check_param_shapes, param_shapes
+from kvcomm_jax.scale.sharding import params_shardings, shardings_for, single_device_mesh
 
 FORMAT_VERSION = 1
 POOLS, PARAMS = "anchor_pools", "params"
@@ -71,14 +72,14 @@ def load_pools(directory: str, model_fingerprint: dict, shardings=None) -> dict[
     """Restore the pools saved in ``directory``, straight into their target layout.
 
     ``shardings``: None (one local device), a ``Mesh`` (the layout of
-    :func:`kvcomm_jax.scale.sharding.pool_shardings`), or name -> a pool-shaped tree of
+    :func:`kvcomm_jax.scale.sharding.shardings_for`), or name -> a pool-shaped tree of
     shardings. Raises ValueError if the checkpoint is for another model or pool
     structure, :class:`CorruptCheckpointError` if its files are damaged.
     """
     version, meta = _read_metadata(directory, POOLS)
     _check_fingerprint(directory, meta["fingerprint"], model_fingerprint)
     abstract = {name: abstract_pool(pool_meta) for name, pool_meta in meta["pools"].items()}
-    targets = _targets(abstract, shardings, lambda mesh: {n: pool_shardings(p, mesh) for n, p in abstract.items()})
+    targets = _targets(abstract, shardings, lambda mesh: shardings_for(abstract, mesh))
     return _restore(version, meta, targets)
 
 
@@ -168,9 +169,8 @@ def _check_fingerprint(directory: str, saved: dict, given: dict) -> None:
 def _targets(abstract, shardings, from_mesh):
     """ShapeDtypeStructs carrying the shardings to restore into."""
     if shardings is None:
-        device = SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: device, abstract)
-    elif isinstance(shardings, Mesh):
+        shardings = single_device_mesh()
+    if isinstance(shardings, Mesh):
         shardings = from_mesh(shardings)
     elif jax.tree.structure(shardings) != jax.tree.structure(abstract):
         raise ValueError(

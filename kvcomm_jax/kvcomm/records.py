@@ -1,4 +1,4 @@
-"""Per-call records and the reuse / TTFT summaries built from them (kvcomm_algorithm.md section 10)."""
+"""Per-call records and the reuse / TTFT summaries built from them (docs/design.md §10)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,11 @@ class CallRecord:
     ttft_ms: prefill to first token, warm (compilation excluded); breakdown_ms: its parts
       ("prefill" for dense; "matching_offset", "assembly", "forward" for reuse)
     compile_ms: time the call spent compiling new programs, reported apart from TTFT
-    others_ms: base-cache prefill and prediction done for this call's inputs (not in TTFT)
-    fidelity: for reuse calls when measured: per-layer relative KV error vs dense and
-      whether the first token agrees with the dense prefill's
+    others_ms: work the call triggers outside its TTFT: base KV and prediction of its
+      question/conditions, deltas recorded after a dense prefill, publishing its response
+    fidelity: for reuse calls, what the engine's probes measured (e.g. per-layer relative
+      KV error vs dense and whether the first token agrees with the dense prefill's)
+    reason: for a dense call, why it did not reuse
     """
 
     request: int
@@ -34,6 +36,7 @@ class CallRecord:
     response_ids: list
     text: str
     fidelity: dict | None = None
+    reason: str | None = None
 
 
 def reuse_rate(records: Sequence[CallRecord]) -> float:

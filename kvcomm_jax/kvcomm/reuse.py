@@ -5,7 +5,7 @@ trace time (no Python loop runs per layer, anchor or token):
 
 * :func:`correct_segments` computes the matching weights and the corrected,
   re-positioned KV of every placeholder content and of the prefix segment after
-  it (kvcomm_algorithm.md sections 6-7), through the Pallas kernel dispatch;
+  it (docs/design.md §6-7), through the Pallas kernel dispatch;
 * :func:`assemble_cache` writes prefix 0 and those segments into one KV cache.
 """
 
@@ -17,10 +17,30 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from kvcomm_jax.kvcomm.anchor_pool import ANCHOR_AXES, SLOT_AXES, ConsumerDeltas
 from kvcomm_jax.kvcomm.matching import placeholder_weights, prefix_weights
 from kvcomm_jax.kvcomm.segments import SegmentKV, fit_tokens
 from kvcomm_jax.model.kv_cache import KVCache, with_lengths, write_span
 from pallas_kernels import apply_correction, correct_and_rotate_keys, rotate_keys
+
+
+@struct.dataclass
+class AnchorInputs:
+    """A placeholder's anchors as one consumer sees them (``V`` slots, ``Ta`` pool tokens).
+
+    keys, values: ``[V, L, H, Ta, D]`` anchors' base KV (keys frame 0)
+    lengths:      ``[V]`` int32
+    usable:       ``[V]`` bool, anchors that hold this consumer's deltas and are long enough
+    deltas:       the consumer's :class:`~kvcomm_jax.kvcomm.anchor_pool.ConsumerDeltas`
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    lengths: jax.Array
+    usable: jax.Array
+    deltas: ConsumerDeltas
+
+    logical_axes = {"keys": ANCHOR_AXES, "values": ANCHOR_AXES, "lengths": SLOT_AXES, "usable": SLOT_AXES}
 
 
 @struct.dataclass
@@ -31,88 +51,79 @@ class PlaceholderInputs:
     prefix:         template base KV of the consumer's prefix segment after it, frame 0, ``[L, H, Tp, D]``
     content_start:  int32, position of the content's first token in the real prompt
     prefix_start:   int32, position of the prefix segment's first token
-    anchor_keys, anchor_values: ``[V, L, H, Ta, D]`` anchors' base KV (keys frame 0)
-    anchor_lengths: ``[V]`` int32
-    usable:         ``[V]`` bool, anchors that hold this consumer's deltas and are long enough
-    ph_keys, ph_values: ``[V, L, H, Ta, D]`` placeholder deltas for this consumer
-    pf_keys, pf_values: ``[V, L, H, Tp, D]`` prefix deltas for this consumer
+    anchors:        :class:`AnchorInputs`
     """
 
     content: SegmentKV
     prefix: SegmentKV
     content_start: jax.Array
     prefix_start: jax.Array
-    anchor_keys: jax.Array
-    anchor_values: jax.Array
-    anchor_lengths: jax.Array
-    usable: jax.Array
-    ph_keys: jax.Array
-    ph_values: jax.Array
-    pf_keys: jax.Array
-    pf_values: jax.Array
+    anchors: AnchorInputs
+
+    logical_axes = {}  # segments and anchors declare their own; the starts are replicated
 
 
 def _positions(segment: SegmentKV, start):
     return start + jnp.arange(segment.bucket, dtype=jnp.int32)  # [T]
 
 
-def _place(segment: SegmentKV, start, inv_freq, impl) -> SegmentKV:
+def _reposition(segment: SegmentKV, start, rope, impl) -> SegmentKV:
     """Rotate a frame-0 segment's keys to positions ``start + t`` without correcting it."""
-    keys = rotate_keys(segment.keys, _positions(segment, start), inv_freq, segment.length, impl=impl)
+    keys = rotate_keys(segment.keys, _positions(segment, start), rope, segment.length, impl=impl)
     return segment.replace(keys=keys)
 
 
-def _correct(segment: SegmentKV, start, k_weights, v_weights, k_deltas, v_deltas, usable, inv_freq, impl) -> SegmentKV:
+def _correct(segment: SegmentKV, start, k_weights, v_weights, k_deltas, v_deltas, usable, rope, impl) -> SegmentKV:
     """Corrected keys rotated to ``start + t`` (one fused pass) and corrected values."""
     keys = correct_and_rotate_keys(
-        segment.keys, k_deltas, k_weights, usable, _positions(segment, start), inv_freq, segment.length, impl=impl
+        segment.keys, k_deltas, k_weights, usable, _positions(segment, start), rope, segment.length, impl=impl
     )
     values = apply_correction(segment.values, v_deltas, v_weights, usable, impl=impl)
     return SegmentKV(keys, values, segment.length)
 
 
-def _correct_one(p: PlaceholderInputs, inv_freq, impl):
-    c, f = p.content, p.prefix
+def _correct_one(p: PlaceholderInputs, rope, impl):
+    c, a, deltas = p.content, p.anchors, p.anchors.deltas
     T = c.bucket
-    ph_k, ph_v = fit_tokens(p.ph_keys, T), fit_tokens(p.ph_values, T)
     content = _correct(
         c,
         p.content_start,
-        placeholder_weights(c.keys, p.anchor_keys, c.length, p.usable),
-        placeholder_weights(c.values, p.anchor_values, c.length, p.usable),
-        ph_k,
-        ph_v,
-        p.usable,
-        inv_freq,
+        placeholder_weights(c.keys, a.keys, c.length, a.usable),
+        placeholder_weights(c.values, a.values, c.length, a.usable),
+        fit_tokens(deltas.placeholder_keys, T),
+        fit_tokens(deltas.placeholder_values, T),
+        a.usable,
+        rope,
         impl,
     )
     prefix = _correct(
-        f,
+        p.prefix,
         p.prefix_start,
-        prefix_weights(c.keys, p.anchor_keys, c.length, p.anchor_lengths, p.usable),
-        prefix_weights(c.values, p.anchor_values, c.length, p.anchor_lengths, p.usable),
-        p.pf_keys,
-        p.pf_values,
-        p.usable,
-        inv_freq,
+        prefix_weights(c.keys, a.keys, c.length, a.lengths, a.usable),
+        prefix_weights(c.values, a.values, c.length, a.lengths, a.usable),
+        deltas.prefix_keys,
+        deltas.prefix_values,
+        a.usable,
+        rope,
         impl,
     )
     return content, prefix
 
 
 @functools.partial(jax.jit, static_argnames=("apply_offsets", "impl"))
-def correct_segments(inputs: tuple[PlaceholderInputs, ...], inv_freq, *, apply_offsets: bool, impl: str = "auto"):
+def correct_segments(inputs: tuple[PlaceholderInputs, ...], rope, *, apply_offsets: bool, impl: str = "auto"):
     """For each placeholder: ``(content, prefix)`` segments with keys at their real positions.
 
-    With ``apply_offsets=False`` (the ``rotate_only`` ablation) the bases are
-    only re-positioned. Layer 0 is never corrected (the kernels keep it).
+    ``rope``: per-layer RoPE frequency tables ``[L, D/2]``. With ``apply_offsets=False``
+    (the ``rotate_only`` ablation) the bases are only re-positioned. Layer 0 is never
+    corrected (the kernels keep it).
     """
     if not apply_offsets:
         return tuple(
-            (_place(p.content, p.content_start, inv_freq, impl), _place(p.prefix, p.prefix_start, inv_freq, impl))
+            (_reposition(p.content, p.content_start, rope, impl), _reposition(p.prefix, p.prefix_start, rope, impl))
             for p in inputs
         )
-    return tuple(_correct_one(p, inv_freq, impl) for p in inputs)
+    return tuple(_correct_one(p, rope, impl) for p in inputs)
 
 
 @functools.partial(jax.jit, static_argnames=("capacity",))

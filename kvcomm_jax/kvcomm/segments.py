@@ -26,6 +26,11 @@ class SegmentKV:
     length: int32 scalar, valid tokens (the rest is zero padding)
     """
 
+    logical_axes = {  # see kvcomm_jax.scale.sharding
+        "keys": ("layers", "kv_heads", "tokens", "head_dim"),
+        "values": ("layers", "kv_heads", "tokens", "head_dim"),
+    }
+
     keys: jax.Array
     values: jax.Array
     length: jax.Array

@@ -16,12 +16,18 @@ import dataclasses
 import re
 from typing import Mapping, Sequence
 
+from kvcomm_jax.kvcomm.layout import Layout
 from kvcomm_jax.model.chat_format import ChatFormat
 from kvcomm_jax.model.tokenizer import Tokenizer
 
 QUESTION = "user_question"
 _PLACEHOLDER = re.compile(r"\{(user_question|agent_(\d+)_current|condition_(\d+)_current)\}")
 _ANY_FIELD = re.compile(r"\{([^{}]*)\}")
+
+
+def field(name: str) -> str:
+    """``name`` as it is written in a template: ``{name}``."""
+    return "{" + name + "}"
 
 
 def response_placeholder(agent_id: int) -> str:
@@ -92,23 +98,19 @@ class SegmentedTemplate:
             out += list(contents.get(name, dummy)) + list(prefix)
         return out
 
-    def layout(self, lengths: Mapping[str, int]) -> list[tuple[str, int, int]]:
-        """``(kind, start, length)`` of every segment in order, for placeholder ``lengths``.
+    def layout(self, lengths: Mapping[str, int] | None = None) -> Layout:
+        """Where each segment lands for placeholder content ``lengths`` (the dummies' where absent).
 
-        kind is ``"prefix:<i>"`` or the placeholder name. With the dummies'
-        lengths this gives template coordinates; with real lengths, the
-        positions where each piece lands in the real prompt.
+        With the dummies this gives template coordinates; with real lengths, the
+        positions of each piece in the real prompt.
         """
-        out, start = [("prefix:0", 0, len(self.prefixes[0]))], len(self.prefixes[0])
-        for i, (name, prefix) in enumerate(zip(self.placeholders, self.prefixes[1:]), start=1):
-            out.append((name, start, lengths[name]))
-            start += lengths[name]
-            out.append((f"prefix:{i}", start, len(prefix)))
-            start += len(prefix)
-        return out
+        lengths = lengths or {}
+        return Layout.build(
+            self.placeholders,
+            [len(p) for p in self.prefixes],
+            [lengths.get(name, len(dummy)) for name, dummy in zip(self.placeholders, self.dummies)],
+        )
 
-    def dummy_lengths(self) -> dict[str, int]:
-        return {name: len(d) for name, d in zip(self.placeholders, self.dummies)}
 
 
 def segment_template(prompt: AgentPrompt, tokenizer: Tokenizer, chat_format: ChatFormat) -> SegmentedTemplate:

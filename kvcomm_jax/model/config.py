@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
@@ -81,64 +79,3 @@ def tiny_config(**overrides) -> ModelConfig:
     )
     base.update(overrides)
     return ModelConfig(**base)
-
-
-def param_shapes(config: ModelConfig) -> dict:
-    """Shapes of the params pytree, keyed like the pytree itself.
-
-    Layer weights are stacked on a leading ``L`` axis (the decoder scans over
-    layers). Dense kernels are ``[in, out]``.
-    """
-    c = config
-    L, E, F, D = c.num_layers, c.hidden_size, c.intermediate_size, c.head_dim
-    q_out, kv_out = c.num_heads * D, c.num_kv_heads * D
-    attn = {
-        "q_proj": {"kernel": (L, E, q_out)},
-        "k_proj": {"kernel": (L, E, kv_out)},
-        "v_proj": {"kernel": (L, E, kv_out)},
-        "o_proj": {"kernel": (L, q_out, E)},
-    }
-    if c.attention_bias:
-        attn["q_proj"]["bias"] = (L, q_out)
-        attn["k_proj"]["bias"] = (L, kv_out)
-        attn["v_proj"]["bias"] = (L, kv_out)
-    if c.qk_norm:
-        attn["q_norm"] = {"scale": (L, D)}
-        attn["k_norm"] = {"scale": (L, D)}
-    shapes = {
-        "embed": {"embedding": (c.vocab_size, E)},
-        "layers": {
-            "attn_norm": {"scale": (L, E)},
-            "attn": attn,
-            "mlp_norm": {"scale": (L, E)},
-            "mlp": {
-                "gate_proj": {"kernel": (L, E, F)},
-                "up_proj": {"kernel": (L, E, F)},
-                "down_proj": {"kernel": (L, F, E)},
-            },
-        },
-        "final_norm": {"scale": (E,)},
-    }
-    if not c.tie_embeddings:
-        shapes["lm_head"] = {"kernel": (E, c.vocab_size)}
-    return shapes
-
-
-def check_param_shapes(config: ModelConfig, params) -> None:
-    """Raise ValueError naming the first parameter whose presence or shape is off."""
-    expected = param_shapes(config)
-
-    def walk(exp, got, path):
-        if isinstance(exp, dict):
-            if not isinstance(got, dict):
-                raise ValueError(f"params{path}: expected a dict, got {type(got).__name__}")
-            missing = sorted(set(exp) - set(got))
-            extra = sorted(set(got) - set(exp))
-            if missing or extra:
-                raise ValueError(f"params{path}: missing {missing}, unexpected {extra}")
-            for k in exp:
-                walk(exp[k], got[k], f"{path}[{k!r}]")
-        elif tuple(np.shape(got)) != tuple(exp):
-            raise ValueError(f"params{path}: expected shape {tuple(exp)}, got {tuple(np.shape(got))}")
-
-    walk(expected, params, "")

@@ -92,7 +92,6 @@ class GenerationResult:
     prompt_lengths: prompt tokens per row
     ttft_s: wall seconds from the start of prefill to the first token being ready
     decode_s: wall seconds of the decode loop
-    first_logits: ``[B, V]`` logits that produced the first token
     """
 
     tokens: list[list[int]]
@@ -100,7 +99,6 @@ class GenerationResult:
     prompt_lengths: list[int]
     ttft_s: float
     decode_s: float
-    first_logits: np.ndarray
 
 
 def check_prompt_lengths(
@@ -158,7 +156,7 @@ def generate(
     stop = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
 
     start = time.perf_counter()
-    first, logits, cache = prefill(params, tokens, positions, lengths, cache, prefill_key, config, sampling, fresh=True)
+    first, _, cache = prefill(params, tokens, positions, lengths, cache, prefill_key, config, sampling, fresh=True)
     first.block_until_ready()
     ttft = time.perf_counter() - start
     out, counts, cache = decode(params, first, lengths, cache, stop, decode_key, config, sampling, max_new_tokens)
@@ -172,5 +170,4 @@ def generate(
         prompt_lengths=[len(p) for p in prompts],
         ttft_s=ttft,
         decode_s=decode_s,
-        first_logits=np.asarray(logits),
     )

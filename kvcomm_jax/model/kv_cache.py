@@ -25,6 +25,13 @@ class KVCache:
     lengths:      ``[B]`` int32 number of valid slots per row
     """
 
+    logical_axes = {  # see kvcomm_jax.scale.sharding
+        "keys": ("layers", "batch", "kv_heads", "tokens", "head_dim"),
+        "values": ("layers", "batch", "kv_heads", "tokens", "head_dim"),
+        "positions": ("batch", "tokens"),
+        "lengths": ("batch",),
+    }
+
     keys: jax.Array
     values: jax.Array
     positions: jax.Array

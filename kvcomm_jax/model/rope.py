@@ -1,22 +1,29 @@
 """Rotate-half rotary position embeddings (RoPE), with optional Llama-3 frequency scaling.
 
+Rotate-half convention: for ``x [..., D]`` with halves ``x1 = x[..., :D/2]`` and
+``x2 = x[..., D/2:]``, rotating by ``amount`` uses ``angle = amount * inv_freq`` and gives
+``concat(x1*cos - x2*sin, x2*cos + x1*sin)``. Math in float32, one cast back to the
+input dtype.
+
 A vector rotated to position ``a`` and then by ``b`` equals the vector rotated
 to ``a + b`` (``R(a) R(b) = R(a + b)``); the KVCOMM engine relies on this to
 move cached keys between positions.
+
+This module is the one implementation of the rotation: the Pallas kernels in
+``pallas_kernels`` import ``cos_sin`` and ``rotate_halves`` from here.
 """
 
 from __future__ import annotations
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from kvcomm_jax.model.config import ModelConfig
-from pallas_kernels.rotation import (
-    rope as apply_rope,  # the one rotate-half implementation
-)
 
-__all__ = ["apply_rope", "inverse_frequencies"]
+__all__ = ["apply_rope", "cos_sin", "inverse_frequencies", "rope_tables", "rotate_halves"]
 
 
 def inverse_frequencies(config: ModelConfig) -> np.ndarray:
@@ -35,3 +42,44 @@ def inverse_frequencies(config: ModelConfig) -> np.ndarray:
         medium = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
         inv_freq = np.where(medium, (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq, scaled)
     return inv_freq.astype(np.float32)
+
+
+def rope_tables(config: ModelConfig) -> np.ndarray:
+    """Per-layer rotation frequencies, float32 ``[L, D/2]``: row ``l`` rotates layer ``l``.
+
+    Every layer of the Llama family uses the same frequencies (``inverse_frequencies``);
+    a family whose layers use different RoPE bases fills the rows differently.
+    """
+    return np.tile(inverse_frequencies(config), (config.num_layers, 1))  # [L, D/2]
+
+
+def cos_sin(amounts: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of ``amounts[..., t] * inv_freq[..., c]``, float32 ``[..., T, D/2]`` each.
+
+    ``amounts [..., T]`` and ``inv_freq [..., D/2]`` broadcast against each other after
+    ``amounts`` gains a trailing pair axis (``[T]`` amounts with ``[L, 1, 1, D/2]``
+    frequencies give ``[L, 1, T, D/2]``).
+    """
+    angle = amounts.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [..., T, D/2]
+    return jnp.cos(angle), jnp.sin(angle)
+
+
+def rotate_halves(x1, x2, cos, sin):
+    """Rotates the float32 halves ``x1, x2 [..., D/2]`` by the angles of ``cos, sin``."""
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """``x [..., T, D]`` with every token t rotated by ``positions[..., t]``, in ``x.dtype``.
+
+    ``positions`` is ``[T]`` or any shape that broadcasts against ``x[..., 0]`` (for example
+    ``[B, 1, T]`` positions for ``[B, H, T, D]`` queries). ``inv_freq`` is float32 ``[D/2]``
+    or any ``[..., D/2]`` that broadcasts against ``x[..., 0, :D/2]`` (``[L, 1, 1, D/2]``
+    rotates each layer of ``[L, H, T, D]`` keys by its own frequencies). Math in float32,
+    one cast back.
+    """
+    half = x.shape[-1] // 2
+    cos, sin = cos_sin(positions, inv_freq)  # [..., T, D/2]
+    xf = x.astype(jnp.float32)  # [..., T, D]
+    r1, r2 = rotate_halves(xf[..., :half], xf[..., half:], cos, sin)  # [..., T, D/2] each
+    return jnp.concatenate([r1, r2], axis=-1).astype(x.dtype)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from kvcomm_jax.model.config import ModelConfig
 from kvcomm_jax.model.kv_cache import KVCache
-from kvcomm_jax.model.rope import apply_rope, inverse_frequencies
+from kvcomm_jax.model.rope import apply_rope, rope_tables
 
 
 class RMSNorm(nn.Module):
@@ -47,8 +47,9 @@ class Attention(nn.Module):
     fresh: bool = False
 
     @nn.compact
-    def __call__(self, x, k_cache, v_cache, positions, starts, mask):
-        """x ``[B, T, E]``; caches ``[B, H, S, D]``; positions ``[B, T]``; starts ``[B]``; mask ``[B, T, S or T]``."""
+    def __call__(self, x, k_cache, v_cache, inv_freq, positions, starts, mask):
+        """x ``[B, T, E]``; caches ``[B, H, S, D]``; inv_freq ``[D/2]`` (this layer's row of
+        ``rope_tables``); positions ``[B, T]``; starts ``[B]``; mask ``[B, T, S or T]``."""
         c = self.config
         B, T, _ = x.shape
         D, Hq, Hkv = c.head_dim, c.num_heads, c.num_kv_heads
@@ -59,7 +60,6 @@ class Attention(nn.Module):
         if c.qk_norm:
             q = RMSNorm(c.rms_norm_eps, name="q_norm")(q)
             k = RMSNorm(c.rms_norm_eps, name="k_norm")(k)
-        inv_freq = inverse_frequencies(c)
         q = apply_rope(q.swapaxes(1, 2), positions[:, None, :], inv_freq)  # [B, Hq, T, D]
         k = apply_rope(k.swapaxes(1, 2), positions[:, None, :], inv_freq)  # [B, Hkv, T, D]
         v = v.swapaxes(1, 2)  # [B, Hkv, T, D]
@@ -95,10 +95,10 @@ class DecoderLayer(nn.Module):
     fresh: bool = False
 
     @nn.compact
-    def __call__(self, x, k_cache, v_cache, positions, starts, mask):
+    def __call__(self, x, k_cache, v_cache, inv_freq, positions, starts, mask):
         c = self.config
         attn_out, k_cache, v_cache = Attention(c, self.fresh, name="attn")(
-            RMSNorm(c.rms_norm_eps, name="attn_norm")(x), k_cache, v_cache, positions, starts, mask
+            RMSNorm(c.rms_norm_eps, name="attn_norm")(x), k_cache, v_cache, inv_freq, positions, starts, mask
         )
         x = x + attn_out
         x = x + MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, name="mlp_norm")(x))
@@ -121,7 +121,7 @@ class Transformer(nn.Module):
             DecoderLayer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, 0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_layers,
         )(c, self.fresh)
         self.final_norm = RMSNorm(c.rms_norm_eps)
@@ -137,7 +137,8 @@ class Transformer(nn.Module):
         visible = T if self.fresh else S
         mask = jnp.arange(visible)[None, None, :] <= query_slots[:, :, None]  # [B, T, S] ([B, T, T] when fresh)
         x = self.embed(tokens)
-        x, (keys, values) = self.layers(x, cache.keys, cache.values, positions, starts, mask)
+        inv_freq = rope_tables(self.config)  # [L, D/2], one row per scanned layer
+        x, (keys, values) = self.layers(x, cache.keys, cache.values, inv_freq, positions, starts, mask)
         new_positions = jax.vmap(lambda p, new, s: jax.lax.dynamic_update_slice_in_dim(p, new, s, axis=0))(
             cache.positions, positions.astype(jnp.int32), starts
         )
@@ -163,12 +164,29 @@ def _check_capacity(tokens, cache: KVCache):
         raise ValueError(f"tokens batch {tokens.shape[0]} != cache batch {cache.batch}")
 
 
+def _logits_and_cache(params, tokens, positions, cache: KVCache, config: ModelConfig, num_new, fresh, last_only):
+    """What :func:`forward` and :func:`forward_last` share: the model, then the logits.
+
+    ``num_new`` None means ``T`` for every row. Returns ``(logits, cache)``: logits
+    ``[B, T, V]``, or ``[B, V]`` for each row's last valid token (``num_new[b] - 1``)
+    when ``last_only``.
+    """
+    _check_capacity(tokens, cache)
+    if num_new is None:
+        num_new = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
+    model = Transformer(config, fresh)
+    hidden, cache = model.apply({"params": params}, tokens, positions, cache, num_new)  # [B, T, E]
+    if last_only:
+        hidden = jnp.take_along_axis(hidden, (num_new - 1)[:, None, None], axis=1)[:, 0]  # [B, E]
+    return model.apply({"params": params}, hidden, method=Transformer.logits), cache
+
+
 @functools.partial(jax.jit, static_argnames=("config", "fresh"))
 def forward(params, tokens, positions, cache: KVCache, config: ModelConfig, num_new=None, fresh: bool = False):
     """The model as a pure function.
 
     Args:
-      params: the params pytree (layout: ``model_config.param_shapes``).
+      params: the params pytree (layout: ``kvcomm_jax.model.params.param_shapes``).
       tokens: int32 ``[B, T]``; row ``b`` has ``num_new[b]`` valid tokens (the rest is padding).
       positions: int32 ``[B, T]`` RoPE positions of the tokens.
       cache: a :class:`KVCache` with capacity ``S >= lengths + T``; the tokens are written
@@ -180,12 +198,7 @@ def forward(params, tokens, positions, cache: KVCache, config: ModelConfig, num_
     Returns:
       ``(logits [B, T, V] float32, cache)`` with ``cache.lengths += num_new``.
     """
-    _check_capacity(tokens, cache)
-    if num_new is None:
-        num_new = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
-    model = Transformer(config, fresh)
-    hidden, cache = model.apply({"params": params}, tokens, positions, cache, num_new)
-    return model.apply({"params": params}, hidden, method=Transformer.logits), cache
+    return _logits_and_cache(params, tokens, positions, cache, config, num_new, fresh, last_only=False)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "fresh"))
@@ -194,11 +207,7 @@ def forward_last(params, tokens, positions, cache: KVCache, config: ModelConfig,
 
     Saves the vocabulary projection of every other token during prefill.
     """
-    _check_capacity(tokens, cache)
-    model = Transformer(config, fresh)
-    hidden, cache = model.apply({"params": params}, tokens, positions, cache, num_new)  # [B, T, E]
-    last = jnp.take_along_axis(hidden, (num_new - 1)[:, None, None], axis=1)[:, 0]  # [B, E]
-    return model.apply({"params": params}, last, method=Transformer.logits), cache
+    return _logits_and_cache(params, tokens, positions, cache, config, num_new, fresh, last_only=True)
 
 
 def init_params(config: ModelConfig, seed: int = 0):

@@ -5,8 +5,6 @@ from kvcomm_jax.agents.tasks.base import (
     Predecessor,
     Role,
     Task,
-    agent_placeholder,
-    condition_placeholder,
     extract_code,
 )
 from kvcomm_jax.agents.tasks.data import Example, load
@@ -30,6 +28,6 @@ def get_task(name: str) -> Task:
 
 __all__ = [
     "QUESTION_PLACEHOLDER", "TASKS", "Example", "GSM8KTask", "HumanEvalTask",
-    "MMLUTask", "Predecessor", "Role", "Task", "agent_placeholder", "condition_placeholder",
+    "MMLUTask", "Predecessor", "Role", "Task",
     "extract_code", "get_task", "load",
 ]

@@ -30,16 +30,6 @@ _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
 _PYTHON_TAGS = ("python", "python3", "py")
 
 
-def agent_placeholder(agent_id: int) -> str:
-    """``{agent_<id>_current}``: agent `agent_id`'s response this round."""
-    return "{" + templates.response_placeholder(agent_id) + "}"
-
-
-def condition_placeholder(agent_id: int) -> str:
-    """``{condition_<id>_current}``: the tool result of agent `agent_id`'s response."""
-    return "{" + templates.condition_placeholder(agent_id) + "}"
-
-
 def extract_code(text: str) -> str:
     """Python code in a model response.
 
@@ -121,11 +111,11 @@ class Task(abc.ABC):
             if pred_role not in self.worker_roles:
                 raise ValueError(f"predecessor {agent_id} has unknown worker role {pred_role!r}")
             block = self.agent_header.format(agent_id=agent_id, role=pred_role)
-            block += "\n" + agent_placeholder(agent_id)
+            block += "\n" + templates.field(templates.response_placeholder(agent_id))
             if has_condition:
                 if not self.produces_condition(pred_role):
                     raise ValueError(f"role {pred_role!r} produces no condition")
-                block += "\n\n" + self.condition_lead_in + condition_placeholder(agent_id)
+                block += "\n\n" + self.condition_lead_in + templates.field(templates.condition_placeholder(agent_id))
             blocks.append(block)
         blocks.append(self.roles[role].instruction)
         return "\n\n".join(blocks)

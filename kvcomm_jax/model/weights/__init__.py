@@ -1,38 +1,39 @@
 """Checkpoint loading into the params pytree laid out by :func:`param_shapes`.
 
 ``gguf_loader.load_gguf`` reads llama.cpp GGUF files and ``hf_loader.load_hf_dir``
-reads Hugging Face ``config.json`` + ``*.safetensors`` directories. Each names
-the checkpoint tensor behind every params leaf and hands a reader to
-:func:`assemble_params`, which does the work they share: transposing ``[out, in]``
-matrices to ``[in, out]`` kernels, stacking layers on axis 0, checking shapes and
-casting.
+reads Hugging Face ``config.json`` + ``*.safetensors`` directories. The parameter table
+(:mod:`kvcomm_jax.model.params`) names the checkpoint tensor behind every params leaf;
+each loader hands a reader to :func:`assemble_params`, which does the work they share:
+transposing ``[out, in]`` matrices to ``[in, out]`` kernels, stacking layers on axis 0,
+checking shapes and casting.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from typing import Literal
 
 import jax.numpy as jnp
 import numpy as np
 
-from kvcomm_jax.model.config import ModelConfig, param_shapes
+from kvcomm_jax.model.config import ModelConfig
+from kvcomm_jax.model.params import Param, params_tree
 
 
 def assemble_params(
     config: ModelConfig,
-    names: Mapping[str, str],
-    read: Callable[[str], np.ndarray],
+    checkpoint: Literal["hf", "gguf"],
+    read: Callable[[Param, str], np.ndarray],
     dtype: str,
     source: str,
 ) -> dict:
     """Build the params pytree of ``config`` from checkpoint tensors.
 
     Args:
-      names: params leaf path (``"layers/attn/q_proj/kernel"``) -> checkpoint tensor
-        name; names of per-layer leaves contain ``{layer}``.
-      read: tensor name -> float32 array as stored: ``[out, in]`` for linear weights,
-        ``[V, E]`` for the embedding, ``[n]`` for norms and biases; raises KeyError
-        for a tensor the checkpoint lacks.
+      checkpoint: which name of each :class:`Param` row the checkpoint uses.
+      read: (row, tensor name) -> float32 array as stored: ``[out, in]`` for linear
+        weights, ``[V, E]`` for the embedding, ``[n]`` for norms and biases; raises
+        KeyError for a tensor the checkpoint lacks.
       dtype: "float32" or "bfloat16"; each leaf is cast as it is filled, so a
         float32 copy of a whole stacked leaf never exists.
       source: describes the checkpoint in error messages.
@@ -43,33 +44,27 @@ def assemble_params(
     """
     target = jnp.dtype(dtype)
 
-    def fetch(name: str, shape: tuple, kernel: bool) -> np.ndarray:
+    def fetch(param: Param, name: str, shape: tuple) -> np.ndarray:
         try:
-            w = read(name)
+            w = read(param, name)
         except KeyError:
             raise ValueError(f"{source} is missing tensor {name!r}") from None
-        if kernel:
+        if param.transpose:
             w = w.T
         if w.shape != tuple(shape):
             raise ValueError(f"{source}: tensor {name!r} has shape {w.shape}, expected {tuple(shape)}")
         return w
 
-    def leaf(path: str, shape: tuple) -> np.ndarray:
-        kernel = path.endswith("/kernel")
-        if not path.startswith("layers/"):
-            return np.array(fetch(names[path], shape, kernel), dtype=target)
+    def leaf(param: Param) -> np.ndarray:
+        shape, name = param.shape(config), getattr(param, checkpoint)
+        if not param.layered:
+            return np.array(fetch(param, name, shape), dtype=target)
         stacked = np.empty(shape, dtype=target)
         for layer in range(shape[0]):
-            stacked[layer] = fetch(names[path].format(layer=layer), shape[1:], kernel)
+            stacked[layer] = fetch(param, name.format(layer=layer), shape[1:])
         return stacked
 
-    def walk(tree: dict, prefix: str) -> dict:
-        return {
-            key: walk(sub, f"{prefix}{key}/") if isinstance(sub, dict) else leaf(prefix + key, sub)
-            for key, sub in tree.items()
-        }
-
-    return walk(param_shapes(config), "")
+    return params_tree(config, leaf)
 
 
 # The loaders import assemble_params from this package, so they come after it.

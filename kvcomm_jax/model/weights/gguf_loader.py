@@ -10,6 +10,7 @@ import numpy as np
 
 from kvcomm_jax.model.chat_format import ChatFormat
 from kvcomm_jax.model.config import ModelConfig, RopeScaling
+from kvcomm_jax.model.params import PARAMS_BY_PATH, Param
 from kvcomm_jax.model.rope import inverse_frequencies
 from kvcomm_jax.model.tokenizer import Tokenizer
 from kvcomm_jax.model.weights import assemble_params
@@ -22,25 +23,6 @@ _ARCHITECTURES = {
 }
 SUPPORTED_GGUF_ARCHITECTURES = tuple(_ARCHITECTURES)
 
-_NAMES = {
-    "embed/embedding": "token_embd.weight",
-    "final_norm/scale": "output_norm.weight",
-    "lm_head/kernel": "output.weight",
-    "layers/attn_norm/scale": "blk.{layer}.attn_norm.weight",
-    "layers/attn/q_proj/kernel": "blk.{layer}.attn_q.weight",
-    "layers/attn/q_proj/bias": "blk.{layer}.attn_q.bias",
-    "layers/attn/k_proj/kernel": "blk.{layer}.attn_k.weight",
-    "layers/attn/k_proj/bias": "blk.{layer}.attn_k.bias",
-    "layers/attn/v_proj/kernel": "blk.{layer}.attn_v.weight",
-    "layers/attn/v_proj/bias": "blk.{layer}.attn_v.bias",
-    "layers/attn/o_proj/kernel": "blk.{layer}.attn_output.weight",
-    "layers/attn/q_norm/scale": "blk.{layer}.attn_q_norm.weight",
-    "layers/attn/k_norm/scale": "blk.{layer}.attn_k_norm.weight",
-    "layers/mlp_norm/scale": "blk.{layer}.ffn_norm.weight",
-    "layers/mlp/gate_proj/kernel": "blk.{layer}.ffn_gate.weight",
-    "layers/mlp/up_proj/kernel": "blk.{layer}.ffn_up.weight",
-    "layers/mlp/down_proj/kernel": "blk.{layer}.ffn_down.weight",
-}
 _ROPE_FREQS = "rope_freqs.weight"
 _REQUIRED = object()
 
@@ -96,7 +78,7 @@ def _config(meta: dict[str, Any], arch: str, tensors: dict, dtype: str, path: st
         rope_theta=_f32(get("rope.freq_base", 10000.0)),
         rms_norm_eps=_f32(get("attention.layer_norm_rms_epsilon")),
         max_position_embeddings=int(get("context_length", 4096)),
-        tie_embeddings="output.weight" not in tensors,
+        tie_embeddings=PARAMS_BY_PATH["lm_head/kernel"].gguf not in tensors,
         dtype=dtype,
         **_ARCHITECTURES[arch][0],
     )
@@ -136,11 +118,12 @@ def load_gguf(path: str, dtype: str = "float32") -> tuple[ModelConfig, dict, Tok
     config = _config(meta, arch, tensors, dtype, path)
     chat_format = ChatFormat.from_template(meta.get("tokenizer.chat_template"))
     tokenizer = Tokenizer.from_gguf_metadata(meta, end_tokens=(chat_format.end_token,))
-    permuted_heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads} if _ARCHITECTURES[arch][1] else {}
+    permuted = _ARCHITECTURES[arch][1]
 
-    def read(name: str) -> np.ndarray:
+    def read(param: Param, name: str) -> np.ndarray:
         w = _dequantized(tensors[name])
-        kind = name.split(".")[2] if name.startswith("blk.") else ""
-        return unpermute_rows(w, permuted_heads[kind]) if kind in permuted_heads else w
+        if permuted and param.llama_cpp_heads is not None:
+            return unpermute_rows(w, param.llama_cpp_heads(config))
+        return w
 
-    return config, assemble_params(config, _NAMES, read, dtype, source=f"GGUF file {path}"), tokenizer, chat_format
+    return config, assemble_params(config, "gguf", read, dtype, source=f"GGUF file {path}"), tokenizer, chat_format

@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from kvcomm_jax.model.chat_format import ChatFormat
 from kvcomm_jax.model.config import ModelConfig, RopeScaling
+from kvcomm_jax.model.params import PARAMS_BY_PATH, Param
 from kvcomm_jax.model.tokenizer import Tokenizer
 from kvcomm_jax.model.weights import assemble_params
 
@@ -24,23 +25,6 @@ _MODEL_TYPES = {
     "qwen3": {"qk_norm": True},
 }
 SUPPORTED_HF_MODEL_TYPES = tuple(_MODEL_TYPES)
-
-_LAYER = "model.layers.{layer}."
-_NAMES = {
-    "embed/embedding": "model.embed_tokens.weight",
-    "final_norm/scale": "model.norm.weight",
-    "lm_head/kernel": "lm_head.weight",
-    "layers/attn_norm/scale": _LAYER + "input_layernorm.weight",
-    **{
-        f"layers/attn/{proj}/{leaf}": f"{_LAYER}self_attn.{proj}.{hf}"
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj")
-        for leaf, hf in (("kernel", "weight"), ("bias", "bias"))
-    },
-    "layers/attn/q_norm/scale": _LAYER + "self_attn.q_norm.weight",
-    "layers/attn/k_norm/scale": _LAYER + "self_attn.k_norm.weight",
-    "layers/mlp_norm/scale": _LAYER + "post_attention_layernorm.weight",
-    **{f"layers/mlp/{proj}/kernel": f"{_LAYER}mlp.{proj}.weight" for proj in ("gate_proj", "up_proj", "down_proj")},
-}
 
 
 def _read_json(path: str) -> dict:
@@ -87,7 +71,7 @@ def config_from_hf(cfg: Mapping, tensor_names: set[str], dtype: str = "float32")
             rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta", 10000.0)),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)) or _NAMES["lm_head/kernel"] not in tensor_names,
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)) or PARAMS_BY_PATH["lm_head/kernel"].hf not in tensor_names,
             rope_scaling=_rope_scaling(rope),
             dtype=dtype,
             **{"attention_bias": bool(cfg.get("attention_bias", False)), **_MODEL_TYPES[model_type]},
@@ -145,8 +129,8 @@ def load_hf_dir(path: str, dtype: str = "float32") -> tuple[ModelConfig, dict, T
         owner = {name: shard for shard in shards for name in shard.keys()}
         config = config_from_hf(cfg, set(owner), dtype)
 
-        def read(name: str) -> np.ndarray:
+        def read(param: Param, name: str) -> np.ndarray:
             return np.asarray(owner[name].get_tensor(name), dtype=np.float32)
 
-        params = assemble_params(config, _NAMES, read, dtype, source=f"checkpoint {path}")
+        params = assemble_params(config, "hf", read, dtype, source=f"checkpoint {path}")
     return config, params, tokenizer, chat_format

@@ -1,0 +1,116 @@
+"""The anchor pools of one engine, one per placeholder (docs/design.md §5 and §8).
+
+The store creates, grows and places each placeholder's
+:class:`~kvcomm_jax.kvcomm.anchor_pool.AnchorPool`, runs anchor prediction on new
+contents, inserts anchors and records consumers' deltas, and hands a consumer the
+anchor inputs for one content. Every pool it holds is laid out on its mesh.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from jax.sharding import Mesh
+
+from kvcomm_jax.kvcomm.anchor_pool import (
+    AnchorPool,
+    add_activations,
+    check_pool_shapes,
+    empty_pool,
+    ensure_token_capacity,
+    insert_anchor,
+    record_deltas,
+)
+from kvcomm_jax.kvcomm.matching import predict
+from kvcomm_jax.kvcomm.request import Content
+from kvcomm_jax.kvcomm.reuse import AnchorInputs
+from kvcomm_jax.kvcomm.segments import SegmentKV
+from kvcomm_jax.kvcomm.templates import placeholder_producer
+from kvcomm_jax.model.buckets import bucket_length
+from kvcomm_jax.model.config import ModelConfig
+from kvcomm_jax.scale import sharding
+
+
+class AnchorStore:
+    """Placeholder name -> :class:`AnchorPool`, with the pool lifecycle.
+
+    Args:
+      config: the model's config (KV shape and dtype of the anchors).
+      capacity: V, anchors per placeholder; window: W, the oldest anchors considered for eviction.
+      gamma: entropy threshold of anchor prediction.
+      mesh: where the pools live (see :mod:`kvcomm_jax.scale.sharding`).
+    """
+
+    def __init__(self, config: ModelConfig, *, capacity: int, window: int, gamma: float, mesh: Mesh):
+        self.config = config
+        self.capacity, self.window, self.gamma, self.mesh = capacity, window, gamma, mesh
+        self.pools: dict[str, AnchorPool] = {}
+
+    def _set(self, name: str, pool: AnchorPool) -> AnchorPool:
+        self.pools[name] = sharding.place(pool, self.mesh)  # growth changes shapes: lay out again
+        return self.pools[name]
+
+    def pool(self, name: str, length: int) -> AnchorPool:
+        """The pool of ``name``, created (two slots) or with its token axis grown to hold ``length`` tokens."""
+        c = self.config
+        if name not in self.pools:
+            tokens = bucket_length(length, what=f"placeholder {{{name}}} content")
+            pool = empty_pool(
+                self.capacity, c.num_layers, c.num_kv_heads, c.head_dim, tokens, c.jnp_dtype, slots=min(2, self.capacity)
+            )
+            return self._set(name, pool)
+        if length > self.pools[name].token_capacity:
+            return self._set(name, ensure_token_capacity(self.pools[name], length))
+        return self.pools[name]
+
+    def observe(self, name: str, content: Content) -> None:
+        """Anchor prediction for a content whose base KV is known: sets ``content.becomes_anchor``.
+
+        A shareable content adds activations to the anchors it matched.
+        """
+        pool = self.pool(name, len(content.ids))
+        becomes_anchor, increments, _ = predict(
+            content.base.values, content.base.length, pool.values, pool.lengths, pool.valid, self.gamma
+        )
+        content.becomes_anchor = bool(becomes_anchor)
+        if not content.becomes_anchor:
+            self.pools[name] = add_activations(pool, increments)
+
+    def usable(self, name: str, consumer: int, length: int) -> np.ndarray:
+        """``[V]`` bool: anchors of ``name`` that may correct a ``length``-token content for ``consumer``."""
+        if name not in self.pools:
+            return np.zeros(0, bool)
+        return self.pools[name].usable_for(consumer, length)
+
+    def store(self, name: str, content: Content, consumer: int, placeholder_delta: SegmentKV, prefix_delta: SegmentKV) -> None:
+        """Record ``consumer``'s deviations for ``content``, inserting the content as an anchor first if it is new."""
+        length = len(content.ids)
+        pool = self.pool(name, length)
+        if content.slot is None:
+            pool, content.slot = insert_anchor(pool, content.base.keys, content.base.values, length, self.window)
+            pool = self._set(name, pool)
+        pool = record_deltas(
+            pool, content.slot, consumer,
+            placeholder_delta.keys, placeholder_delta.values, prefix_delta.keys, prefix_delta.values,
+        )
+        self._set(name, pool)
+
+    def inputs_for(self, name: str, consumer: int, content: Content) -> AnchorInputs:
+        """The anchors of ``name`` as ``consumer`` uses them to correct ``content``."""
+        pool = self.pools[name]
+        return AnchorInputs(
+            keys=pool.keys, values=pool.values, lengths=pool.lengths,
+            usable=sharding.place(self.usable(name, consumer, len(content.ids)), self.mesh),
+            deltas=pool.consumers[str(consumer)],
+        )
+
+    def replace_all(self, pools: dict[str, AnchorPool]) -> None:
+        """Replace every pool (e.g. restored from a checkpoint), checking they fit the model."""
+        c = self.config
+        for name, pool in pools.items():
+            placeholder_producer(name)  # raises on unknown placeholder names
+            check_pool_shapes(pool, c.num_layers, c.num_kv_heads, c.head_dim, name)
+            if pool.keys.dtype != c.jnp_dtype:
+                raise ValueError(f"anchor pool {name!r} has dtype {pool.keys.dtype}, the model uses {c.dtype}")
+        self.pools = {}
+        for name, pool in pools.items():
+            self._set(name, pool)

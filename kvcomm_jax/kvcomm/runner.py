@@ -1,0 +1,95 @@
+"""The model steps an engine runs, on its mesh: dense prefill, the reuse forward, decode, segment extraction.
+
+Every step is a jitted pure function of arrays laid out on the engine's mesh
+(see :mod:`kvcomm_jax.scale.sharding`); the runner holds the placed params, the
+per-layer RoPE tables and the stop ids, picks cache capacities from length
+buckets, and times prefills with :func:`~kvcomm_jax.kvcomm.timing.timed`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from kvcomm_jax.kvcomm.config import EngineConfig
+from kvcomm_jax.kvcomm.layout import Span
+from kvcomm_jax.kvcomm.segments import SegmentKV, extract_segment
+from kvcomm_jax.kvcomm.timing import timed
+from kvcomm_jax.model.buckets import bucket_length
+from kvcomm_jax.model.generation import decode, pad_prompts, prefill
+from kvcomm_jax.model.kv_cache import KVCache, init_cache
+from kvcomm_jax.model.registry import LoadedModel
+from kvcomm_jax.model.rope import rope_tables
+from kvcomm_jax.scale import sharding
+
+
+class ModelRunner:
+    """Runs one model's steps for an engine.
+
+    Args:
+      model: a :class:`~kvcomm_jax.model.registry.LoadedModel`; its params are laid out on ``mesh``.
+      config: the engine's :class:`~kvcomm_jax.kvcomm.config.EngineConfig`.
+      mesh: the device mesh (one device: :func:`~kvcomm_jax.scale.sharding.single_device_mesh`).
+    """
+
+    def __init__(self, model: LoadedModel, config: EngineConfig, mesh: Mesh):
+        self.mesh, self.config = mesh, config
+        params = sharding.place(model.params, mesh, sharding.params_shardings(model.config, mesh))
+        self.model = dataclasses.replace(model, params=params)
+        self.rope = sharding.place(jnp.asarray(rope_tables(model.config)), mesh)  # [L, D/2]
+        stop = [] if config.ignore_eos else sorted(model.tokenizer.eos_ids)
+        self.stop_ids = sharding.place(jnp.asarray(stop or [-1], jnp.int32), mesh)  # [K]
+
+    def capacity(self, prompt_len: int, segment_buckets: Sequence[int] = ()) -> int:
+        """Cache slots for a prompt: room for decoding and for bucket-padded segment reads/writes."""
+        extra = max([bucket_length(self.config.max_new_tokens, what="max_new_tokens"), *segment_buckets])
+        return bucket_length(bucket_length(prompt_len, what="prompt") + extra, what="prompt + padding")
+
+    def _forward(self, tokens, positions, num_new, cache: KVCache, key, fresh: bool):
+        return prefill(
+            self.model.params, tokens, positions, num_new, cache, key, self.model.config, self.config.sampling, fresh=fresh
+        )
+
+    def prefill(self, ids: Sequence[int], capacity: int, key):
+        """Dense prefill of one prompt: ``(first_token [1], cache, ms, compile_ms)`` (see ``timed``)."""
+        tokens, positions, lengths = pad_prompts([ids])
+
+        def step():
+            cache = sharding.place(init_cache(self.model.config, 1, capacity), self.mesh)
+            first, _, cache = self._forward(tokens, positions, lengths, cache, key, fresh=True)
+            return first, cache
+
+        (first, cache), ms, compile_ms = timed(step)
+        return first, cache, ms, compile_ms
+
+    def forward_last_token(self, ids: Sequence[int], cache: KVCache, key):
+        """The reuse call's model step: the prompt's last token over ``cache`` (which holds all the others).
+
+        Returns ``(first_token [1], cache, ms, compile_ms)``.
+        """
+        token = jnp.asarray([[ids[-1]]], jnp.int32)  # [1, 1]
+        position = jnp.asarray([[len(ids) - 1]], jnp.int32)
+        (first, _, cache), ms, compile_ms = timed(
+            lambda: self._forward(token, position, jnp.ones((1,), jnp.int32), cache, key, fresh=False)
+        )
+        return first, cache, ms, compile_ms
+
+    def decode(self, first, prompt_len: int, cache: KVCache, key) -> tuple[list[int], KVCache]:
+        """Greedy/sampled decoding after the first token: ``(response ids, cache)``; stop tokens excluded."""
+        out, count, cache = decode(
+            self.model.params, first, jnp.asarray([prompt_len], jnp.int32), cache, self.stop_ids, key,
+            self.model.config, self.config.sampling, self.config.max_new_tokens,
+        )
+        return np.asarray(out)[0, : int(count[0])].tolist(), cache
+
+    def extract(self, cache: KVCache, span: Span, frame0: bool = True) -> SegmentKV:
+        """Slots ``span`` of row 0 as a segment padded to its length bucket (keys de-rotated to frame 0 if asked)."""
+        bucket = bucket_length(span.length, what="segment")
+        return extract_segment(
+            cache, span.start, span.length, self.rope, bucket=bucket, frame0=frame0, impl=self.config.impl
+        )
