@@ -10,10 +10,10 @@ import argparse
 import os
 import sys
 
-from configs import main_job, paper_ttft
 from kvcomm_jax.agents.graphs import GRAPH_KINDS
 from kvcomm_jax.agents.pipeline import MODE_CHOICES
 from kvcomm_jax.agents.tasks import TASKS
+from kvcomm_jax.configs import main_job, paper_ttft
 from kvcomm_jax.kvcomm.config import DEFAULT_ANCHOR_CAPACITY, DEFAULT_EVICTION_WINDOW
 from kvcomm_jax.model.registry import DEFAULT_MODEL
 from pallas_kernels import IMPLS
