@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--graph", default="full_connected", choices=tuple(GRAPH_KINDS))
     pl.add_argument("--rounds", type=_positive("--rounds"), default=1)
     pl.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=128)
+    pl.add_argument("--batch-size", type=_positive("--batch-size"), default=1,
+                    help="questions run together; each agent's calls for them are one batched step")
     pl.add_argument("--no-fidelity", action="store_true", help="skip the untimed dense check of reuse calls")
     pl.add_argument("--json")
     pl.add_argument("--plot")
@@ -164,12 +166,12 @@ def _pipeline(args):
     )
     summary, results = run_pipeline(
         model, task, graph, examples, MODE_CHOICES[args.mode], config,
-        measure_fidelity=not args.no_fidelity, mesh=mesh, load_pool=args.load_pool, save_pool=args.save_pool,
+        measure_fidelity=not args.no_fidelity, batch_size=args.batch_size, mesh=mesh, load_pool=args.load_pool, save_pool=args.save_pool,
     )
     payload = {
         "task": args.task, "model": model.source, "agents": args.agents, "graph": args.graph, "rounds": args.rounds,
         "questions": len(examples), "offset": args.offset, "gamma": args.gamma, "anchors": args.anchors,
-        "max_new_tokens": args.max_new_tokens, "mesh": args.mesh, **summary,
+        "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "mesh": args.mesh, **summary,
         "calls": {
             mode: [
                 {"question": row.example_id, "answer": row.answer, "correct": row.correct,

@@ -1,4 +1,4 @@
-"""Count XLA compilations, so tests can assert that a new input does not recompile."""
+"""Count XLA compilations and the seconds they take, so tests can assert that a new input does not recompile."""
 
 from __future__ import annotations
 
@@ -7,17 +7,26 @@ import threading
 
 import jax
 
-_EVENT = "/jax/core/compile/backend_compile_duration"
+_BACKEND_EVENT = "/jax/core/compile/backend_compile_duration"
+# Tracing, lowering and backend compilation: every stage of turning a jitted call into a program.
+_COMPILE_EVENTS = frozenset({
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    _BACKEND_EVENT,
+})
 _lock = threading.Lock()
 _total = 0
+_seconds = 0.0
 _registered = False
 
 
 def _on_event(event: str, duration: float, **kwargs) -> None:
-    global _total
-    if event == _EVENT:
+    global _total, _seconds
+    if event in _COMPILE_EVENTS:
         with _lock:
-            _total += 1
+            _seconds += duration
+            if event == _BACKEND_EVENT:
+                _total += 1
 
 
 def _ensure_registered() -> None:
@@ -34,18 +43,27 @@ def compile_count() -> int:
     return _total
 
 
+def compile_seconds() -> float:
+    """Seconds spent tracing, lowering and compiling in this process since counting started."""
+    _ensure_registered()
+    return _seconds
+
+
 class CompileCounter:
-    """``with CompileCounter() as c: ...`` then ``c.count`` is the number of compilations inside."""
+    """``with CompileCounter() as c: ...`` then ``c.count`` is the number of compilations inside, ``c.seconds`` their time."""
 
     def __init__(self):
         self.count = 0
+        self.seconds = 0.0
 
     def __enter__(self):
         self._start = compile_count()
+        self._start_seconds = compile_seconds()
         return self
 
     def __exit__(self, *exc):
         self.count = compile_count() - self._start
+        self.seconds = compile_seconds() - self._start_seconds
         return False
 
 

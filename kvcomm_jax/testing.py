@@ -66,8 +66,9 @@ def _chain_merges(pieces: list[str]) -> list[tuple[str, str]]:
 def tiny_tokenizer_metadata() -> dict:
     """GGUF ``tokenizer.ggml.*`` metadata of the tiny tokenizer (a SmolLM2-style byte-level BPE).
 
-    Merges of pieces that start with a space come first: a space only starts a
-    pre-tokenized piece, so the other merges can never cut into those chains.
+    Merges of pieces that start with a space rank first, so BPE finishes such a
+    chain before any other merge can cut into it; and as a space only starts a
+    pre-tokenized piece, those merges apply nowhere else.
     """
     spaced = [_byte_level(" " + w) for w in [*WORDS, *CAPITALIZED]]
     bare = [_byte_level(w) for w in [*CAPITALIZED, *ROLES]]

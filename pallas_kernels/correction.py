@@ -1,4 +1,4 @@
-"""Offset correction of a cache segment from anchor deltas (algorithm notes, section 7).
+"""Offset correction of a cache segment from anchor deltas (docs/design.md §7).
 
 ``out = base + sum_a w[a] * deltas[a, ..., :T, :]``, summed in float32 and cast once to
 ``base.dtype``. Weights are float32, per token ``[A, 1, 1, T, 1]`` (placeholder

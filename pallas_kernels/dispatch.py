@@ -122,7 +122,7 @@ def check_rotation(keys, amounts, inv_freq, num_valid, amounts_name: str = "amou
 
 
 def check_correction(base, deltas, weights, anchor_valid) -> None:
-    """Validates ``apply_correction`` arguments (section 7 of the algorithm notes)."""
+    """Validates ``apply_correction`` arguments (docs/design.md §7)."""
     check_cache("base", base)
     l, h, t, d = base.shape
     if deltas.ndim != 5:

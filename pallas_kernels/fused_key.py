@@ -1,4 +1,4 @@
-"""Corrected and re-rotated keys in one pass (algorithm notes, sections 4 and 7).
+"""Corrected and re-rotated keys in one pass (docs/design.md §4 and §7).
 
 Keys live in a position-free frame 0, so a corrected key at its target position is
 ``rope(base0 + sum_a w[a] * deltas[a], positions)``: correct in frame 0, rotate once.

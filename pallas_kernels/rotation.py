@@ -1,4 +1,4 @@
-"""RoPE re-rotation of cached keys (algorithm notes, section 4).
+"""RoPE re-rotation of cached keys (docs/design.md §4).
 
 The rotation is the model's (``kvcomm_jax.model.rope``): rotate-half, ``angle = amount *
 inv_freq``, math in float32, one cast back to the input dtype. ``inv_freq`` is float32

@@ -7,27 +7,45 @@ import pytest
 from kvcomm_jax.cli import main
 
 
+def _paths(rows):
+    return [[record["path"] for record in row["records"]] for row in rows]
+
+
 @pytest.mark.real_model
-def test_pipeline_both_modes_writes_the_documented_json(tmp_path, capsys):
+def test_pipeline_both_modes_reuses_and_writes_the_documented_json(tmp_path, capsys):
+    # GSM8K questions 16-18 are 53, 58 and 29 tokens long: after two questions every pool holds two
+    # anchors long enough for the third question's contents, and gamma 100 lets it share them.
     out, plot = tmp_path / "run.json", tmp_path / "ttft.png"
     code = main([
-        "pipeline", "--task", "gsm8k", "--agents", "3", "--mode", "both", "--limit", "2", "--max-new-tokens", "16",
-        "--json", str(out), "--plot", str(plot),
+        "pipeline", "--task", "gsm8k", "--agents", "3", "--mode", "both", "--offset", "16", "--limit", "3",
+        "--max-new-tokens", "4", "--gamma", "100", "--json", str(out), "--plot", str(plot),
     ])
     assert code == 0
     result = json.loads(out.read_text())
-    assert result["task"] == "gsm8k" and result["agents"] == 3 and result["questions"] == 2
+    assert (result["task"], result["agents"], result["questions"], result["offset"]) == ("gsm8k", 3, 3, 16)
     assert "SmolLM2-135M-Instruct" in result["model"]
-    assert set(result["modes"]) == {"dense", "kvcomm"}
-    for mode in result["modes"].values():
-        assert 0.0 <= mode["accuracy"] <= 1.0
-        assert 0.0 <= mode["reuse_rate"] <= 1.0 and 0.0 <= mode["token_reuse_rate"] <= 1.0
-        assert mode["ttft_ms"]["mean"] > 0 and mode["ttft_ms"]["median"] > 0
-        assert len(mode["ttft_ms"]["per_agent"]) == 3
-    assert result["modes"]["dense"]["reuse_rate"] == 0.0
-    assert set(result["agreement"]) >= {"final_answer", "first_token"}
-    assert 0.0 <= result["agreement"]["final_answer"] <= 1.0
-    assert len(result["calls"]["kvcomm"]) == 2 and len(result["calls"]["kvcomm"][0]["records"]) == 3
+    assert set(result["modes"]) == set(result["calls"]) == {"dense", "kvcomm"}
+    calls = result["calls"]
+    assert _paths(calls["dense"]) == [["dense"] * 3] * 3
+    kvcomm_paths = _paths(calls["kvcomm"])
+    assert kvcomm_paths[:2] == [["dense"] * 3] * 2  # fewer than two anchors per pool: every content is an anchor
+    assert kvcomm_paths[2][0] == "reuse"  # agent 0 reads only the question, which two anchors now serve
+    for mode, rows in calls.items():
+        records = [r for row in rows for r in row["records"]]
+        summary = result["modes"][mode]
+        assert summary["calls"] == len(records) == 9
+        assert summary["accuracy"] == pytest.approx(sum(row["correct"] for row in rows) / 3)
+        assert summary["reuse_rate"] == pytest.approx(sum(r["path"] == "reuse" for r in records) / 9)
+        reused = sum(r["reused_tokens"] for r in records)
+        assert summary["token_reuse_rate"] == pytest.approx(reused / sum(r["prompt_tokens"] for r in records))
+        assert summary["ttft_ms"]["mean"] > 0 and summary["ttft_ms"]["median"] > 0
+        assert len(summary["ttft_ms"]["per_agent"]) == 3
+    reuse = [r for row in calls["kvcomm"] for r in row["records"] if r["path"] == "reuse"]
+    assert all(r["reused_tokens"] == r["prompt_tokens"] - 1 and r["fidelity"] for r in reuse)
+    agreement = result["agreement"]["kvcomm"]
+    assert agreement["first_token_calls"] == len(reuse)
+    same = [a["answer"] == d["answer"] for a, d in zip(calls["kvcomm"], calls["dense"], strict=True)]
+    assert agreement["final_answer"] == pytest.approx(sum(same) / 3)
     assert plot.stat().st_size > 0
     assert "| dense |" in capsys.readouterr().out
 

@@ -44,7 +44,7 @@ def _relative(a, b):
 
 
 def _dense_cache(engine, call):
-    first, cache, _, _ = engine.runner.prefill(call.ids, call.capacity, jax.random.PRNGKey(0))
+    first, cache, _, _ = engine.runner.prefill([call.ids], call.capacity, jax.random.PRNGKey(0))
     return first, cache
 
 
@@ -73,7 +73,7 @@ def test_single_anchor_from_the_same_request_reproduces_the_dense_cache():
     for agent in (0, 1):
         call = engine.prepare_call(request, agent)
         assert all(int(engine.pools[n].valid.sum()) == 1 for n in call.contents)
-        first, cache, _, _ = engine.reuse_prefill(call, jax.random.PRNGKey(0))
+        first, cache, _, _ = engine.reuse_prefill([call], call.capacity, jax.random.PRNGKey(0))
         dense_first, dense = _dense_cache(engine, call)
         n = len(call.ids) - 1
         for layer in range(engine.model.config.num_layers):

@@ -1,5 +1,5 @@
 """Pallas kernels (interpret mode) against their references, and the references against
-independent float64 formulations of algorithm notes sections 4, 6 and 7."""
+independent float64 formulations of docs/design.md §4, §6 and §7."""
 
 from __future__ import annotations
 
@@ -176,7 +176,7 @@ def test_per_layer_frequencies(dtype):
     case = Case(64, 20, dtype, "channel")
     x = {**make_inputs(case), "inv_freq": jnp.asarray(per_layer_inv_freq(case.head_dim))}
     rot, kw = rotation_args(x), dict(impl="interpret", block_tokens=BLOCK)
-    as_f32 = lambda a: np.asarray(a.astype(jnp.float32))  # noqa: E731
+    as_f32 = lambda a: np.asarray(a.astype(jnp.float32))
     rotated = as_f32(pk.rotate_keys(x["base"], *rot, **kw))
     rotated_ref = as_f32(pk.rotate_keys_reference(x["base"], *rot))
     fused = as_f32(pk.correct_and_rotate_keys(*correction_args(x), *rot, **kw))

@@ -9,8 +9,8 @@ from kvcomm_jax.compile_counter import CompileCounter
 from kvcomm_jax.model.config import RopeScaling, tiny_config
 from kvcomm_jax.model.generation import generate
 from kvcomm_jax.model.kv_cache import init_cache
-from kvcomm_jax.model.params import check_param_shapes
-from kvcomm_jax.model.rope import apply_rope, inverse_frequencies
+from kvcomm_jax.model.params import check_param_shapes, param_logical_axes, param_shapes
+from kvcomm_jax.model.rope import apply_rope, inverse_frequencies, rope_tables
 from kvcomm_jax.model.sampling import SamplingConfig, sample_next
 from kvcomm_jax.model.transformer import forward, init_params
 
@@ -105,6 +105,13 @@ def test_rope_rotation_composes_additively():
     np.testing.assert_allclose(apply_rope(apply_rope(x, a, inv), -a, inv), x, rtol=1e-5, atol=1e-5)
 
 
+def test_rope_tables_give_every_layer_the_model_frequencies():
+    config = CONFIGS["llama3_scaling"]
+    tables = rope_tables(config)
+    assert tables.shape == (config.num_layers, config.head_dim // 2) and tables.dtype == np.float32
+    np.testing.assert_array_equal(tables, np.broadcast_to(inverse_frequencies(config), tables.shape))
+
+
 def test_llama3_scaling_changes_only_low_frequencies():
     plain = inverse_frequencies(tiny_config(head_dim=64, rope_theta=500000.0))
     scaled = inverse_frequencies(CONFIGS["llama3_scaling"].replace(head_dim=64))
@@ -132,6 +139,17 @@ def test_same_bucket_prompt_does_not_recompile():
     with CompileCounter() as counter:
         generate(params, config, [_tokens(13, 7)], max_new_tokens=4)
     assert counter.count == 0
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_logical_axes_name_every_dimension(name):
+    config = CONFIGS[name]
+    is_tuple = lambda x: isinstance(x, tuple)
+    shapes, axes = param_shapes(config), param_logical_axes(config)
+    assert jax.tree.structure(axes, is_leaf=is_tuple) == jax.tree.structure(shapes, is_leaf=is_tuple)
+    known = {"layers", "embed", "heads", "kv_heads", "mlp", "vocab", "head_dim"}
+    for names, shape in zip(jax.tree.leaves(axes, is_leaf=is_tuple), jax.tree.leaves(shapes, is_leaf=is_tuple)):
+        assert len(names) == len(shape) and set(names) <= known
 
 
 def test_bad_prompts_raise_clear_errors():

@@ -65,11 +65,22 @@ def test_special_tokens_merges_and_eos():
         tok.token_id("<|nope|>")
 
 
-def test_digits_split_individually_only_for_smollm():
-    smollm = Tokenizer.from_gguf_metadata(byte_level_metadata("smollm"))
-    assert smollm.encode("12345") == [smollm.token_id(d) for d in "12345"]
-    # Llama-3 splits digits in groups of three before BPE; with no digit merges that still gives one id per byte.
-    assert len(Tokenizer.from_gguf_metadata(byte_level_metadata("llama-bpe")).encode("12345")) == 5
+@pytest.mark.parametrize("pre, pieces", [
+    ("smollm", ["1", "2", "3", "4", "5"]),  # digits one by one, so the merge "1 2" never applies
+    ("qwen2", ["1", "2", "3", "4", "5"]),
+    ("llama-bpe", ["12", "3", "4", "5"]),  # groups of three: "123" "45"
+    ("gpt-2", ["12", "3", "4", "5"]),  # one run of digits
+])
+def test_digits_are_split_as_the_pre_tokenizer_says(pre, pieces):
+    meta = byte_level_metadata(pre)
+    meta = {
+        **meta,
+        "tokenizer.ggml.tokens": [*meta["tokenizer.ggml.tokens"], "12"],
+        "tokenizer.ggml.merges": [*meta["tokenizer.ggml.merges"], "1 2"],
+        "tokenizer.ggml.token_type": [*meta["tokenizer.ggml.token_type"], 1],
+    }
+    tok = Tokenizer.from_gguf_metadata(meta)
+    assert tok.encode("12345") == [tok.token_id(p) for p in pieces]
 
 
 def test_bos_only_when_metadata_asks_and_never_twice():

@@ -54,16 +54,24 @@ class QuestionResult:
     records: list[CallRecord]
 
 
-def run_question(engine: KVCommEngine, task: Task, graph: AgentGraph, example: Example) -> QuestionResult:
-    """Run every agent in topological order; code roles' results become conditions for their receivers."""
-    request = engine.new_request(task.question_text(example))
+def run_questions(engine: KVCommEngine, task: Task, graph: AgentGraph, examples: Sequence[Example]) -> list[QuestionResult]:
+    """Run the questions as one batch: each agent, in topological order, runs for all of them in one step.
+
+    Code roles' results become conditions for their receivers.
+    """
+    requests = [engine.new_request(task.question_text(example)) for example in examples]
     for agent_id in graph.topological_order():
-        record = engine.run_agent(request, agent_id)
+        records = engine.run_agents(requests, agent_id)
         role = graph.node(agent_id).role
         if task.produces_condition(role) and condition_placeholder(agent_id) in engine.consumers:
-            engine.set_condition(request, agent_id, task.condition_text(role, record.text, example))
-    final = request.response_text(graph.decision_id) or ""
-    return QuestionResult(example.example_id, final, task.extract_answer(final), task.is_correct(example, final), request.records)
+            for request, record, example in zip(requests, records, examples):
+                engine.set_condition(request, agent_id, task.condition_text(role, record.text, example))
+    results = []
+    for request, example in zip(requests, examples):
+        final = request.response_text(graph.decision_id) or ""
+        correct = task.is_correct(example, final)
+        results.append(QuestionResult(example.example_id, final, task.extract_answer(final), correct, request.records))
+    return results
 
 
 def _mean(values):
@@ -108,12 +116,15 @@ def run_pipeline(
     config: EngineConfig,
     progress: bool = True,
     measure_fidelity: bool = True,
+    batch_size: int = 1,
     mesh=None,
     load_pool: str | None = None,
     save_pool: str | None = None,
 ) -> tuple[dict, dict[str, list[QuestionResult]]]:
     """Run ``examples`` through ``graph`` in each mode. Returns ``(summary, results per mode)``.
 
+    ``batch_size``: questions run together, each agent's calls for them as one batched step
+    (see :meth:`~kvcomm_jax.kvcomm.engine.KVCommEngine.run_agents`).
     ``measure_fidelity``: run :func:`~kvcomm_jax.bench.fidelity.kv_fidelity` on every reuse call
     (a dense prefill of the same prompt, outside the call's TTFT).
     ``load_pool`` / ``save_pool``: a folder holding one anchor-pool checkpoint per
@@ -133,10 +144,15 @@ def run_pipeline(
         for mode, engine in engines.items():
             if engine.strategy.uses_anchors:
                 engine.set_pools(load_pools(os.path.join(load_pool, mode), fingerprint, shardings=mesh))
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     results: dict[str, list[QuestionResult]] = {mode: [] for mode in modes}
-    for example in tqdm(examples, desc=f"{task.name} ({'+'.join(modes)})", unit="question", disable=not progress):
-        for mode, engine in engines.items():
-            results[mode].append(run_question(engine, task, graph, example))
+    with tqdm(total=len(examples), desc=f"{task.name} ({'+'.join(modes)})", unit="question", disable=not progress) as bar:
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start : start + batch_size]
+            for mode, engine in engines.items():
+                results[mode].extend(run_questions(engine, task, graph, batch))
+            bar.update(len(batch))
     if save_pool:
         for mode, engine in engines.items():
             if engine.strategy.uses_anchors:

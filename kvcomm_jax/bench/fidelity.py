@@ -40,7 +40,7 @@ def kv_fidelity(engine, call, reuse_cache: KVCache, reuse_first, key) -> dict:
     Also reports the same cache without offsets (rotation only), first-token agreement
     with dense, and the dense prefill's warm TTFT on the identical prompt.
     """
-    dense_first, dense_cache, dense_ms, _ = engine.runner.prefill(call.ids, call.capacity, key)
+    dense_first, dense_cache, dense_ms, _ = engine.runner.prefill([call.ids], call.capacity, key)
     n = len(call.ids) - 1
     k_err, v_err = layer_relative_errors(reuse_cache, dense_cache, n)
     k_rot, v_rot = layer_relative_errors(engine.reuse_cache(call, RotateOnly()), dense_cache, n)

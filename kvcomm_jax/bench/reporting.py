@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import platform
 from typing import Sequence
 
 
@@ -21,6 +23,23 @@ def check_writable(path: str | None, what: str) -> None:
         os.remove(probe)
     except OSError as err:
         raise ValueError(f"{what} {path!r} is not writable: {err.strerror}") from None
+
+
+def run_info() -> dict:
+    """Where and when a benchmark ran: ``{"machine": {...}, "date": ISO 8601 UTC}``."""
+    import jax
+
+    return {
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "devices": [f"{d.platform}:{d.id} {d.device_kind}" for d in jax.devices()],
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+        },
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def write_json(path: str, payload: dict) -> None:
@@ -81,6 +100,29 @@ def plot_per_agent(path: str, labels: Sequence[str], series: dict[str, Sequence[
     ax.set_xticks(range(len(labels)), labels)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_lines(path: str, series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str, xlabel: str, ylabel: str) -> None:
+    """One line per series, each ``(xs, ys)``, points marked and labelled (e.g. questions/s vs batch size per mode)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, "-o", label=name)
+        for x, y in zip(xs, ys):
+            ax.annotate(_fmt(y, ".2f"), (x, y), textcoords="offset points", xytext=(0, 5), ha="center", fontsize=7)
+    ax.set_xticks(sorted({x for xs, _ in series.values() for x in xs}))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -3,11 +3,20 @@
 Every agent gets a long system prompt, a long random question of Ω/Δ symbols,
 and the outputs of all agents before it, and is asked to copy symbols for a
 fixed number of tokens (EOS ignored, so every output has exactly that length).
-The engine runs in ``kvcomm`` mode with the :func:`~kvcomm_jax.bench.fidelity.kv_fidelity`
-probe: right after each reuse call it prefills the very same prompt densely, so
-dense and KVCOMM TTFT are measured in one process on identical prompts. The first requests only
-create anchors (dense) and one more warms up the reuse path's compilation;
-neither counts towards the speedups.
+The engine runs in ``kvcomm`` mode with the
+:class:`~kvcomm_jax.bench.baselines.BaselineProbe`: right after each reuse call it
+times, on the very same prompt, a dense prefill of the exact prompt, a dense
+prefill with the agent's prefix 0 cached, and the reuse call's floor (a one-token
+forward at its cache length plus one read of the bytes its correction reads). So
+every number comes from one process and identical prompts, warm (compilation is
+reported apart). The first requests only create anchors (dense) and one more
+warms up compilation; they count towards no median and are reported apart.
+
+Per agent: medians over the measured calls. Per request: the sum over agents of
+each mode's TTFT plus what the request pays before those first tokens outside
+TTFT (for KVCOMM the calls' ``others_ms``: base KV of the question, segment
+extraction and publishing; nothing for either dense baseline), median over the
+measured requests whose every call reused (only those have baselines).
 """
 
 from __future__ import annotations
@@ -16,12 +25,14 @@ import dataclasses
 import itertools
 import random
 import statistics
+from typing import Sequence
 
 from tqdm import tqdm
 
-from kvcomm_jax.bench.fidelity import kv_fidelity
+from kvcomm_jax.bench.baselines import BaselineProbe
+from kvcomm_jax.bench.reporting import run_info
 from kvcomm_jax.kvcomm.engine import EngineConfig, KVCommEngine
-from kvcomm_jax.kvcomm.records import reuse_rate
+from kvcomm_jax.kvcomm.records import CallRecord, reuse_rate
 from kvcomm_jax.kvcomm.templates import AgentPrompt, field, response_placeholder
 from kvcomm_jax.model.registry import LoadedModel
 from kvcomm_jax.model.tokenizer import Tokenizer
@@ -35,6 +46,8 @@ _FILLER = (
 
 @dataclasses.dataclass(frozen=True)
 class TTFTSettings:
+    """The workload (sizes in tokens) and the run: ``anchor_requests`` + ``warmup_requests`` unmeasured, then ``samples``."""
+
     agents: int = 5
     prefix_tokens: int = 512
     input_tokens: int = 1024
@@ -50,6 +63,9 @@ class TTFTSettings:
         for name in ("agents", "prefix_tokens", "input_tokens", "output_tokens", "samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("anchor_requests", "warmup_requests"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
 
 
 def text_of_tokens(tokenizer: Tokenizer, pieces, n: int) -> str:
@@ -85,12 +101,86 @@ def copy_machine_prompts(tokenizer: Tokenizer, settings: TTFTSettings) -> list[A
     return prompts
 
 
+BREAKDOWN = ("matching_offset", "assembly", "forward")
+BASELINES = ("dense", "dense_prefix_cached")
+
+
 def _median(values):
     return statistics.median(values) if values else None
 
 
+def _ratio(a, b):
+    return a / b if a and b else None
+
+
+def _compile_ms(records: Sequence[CallRecord]) -> dict:
+    """Compile time (ms) of every path over ``records``, excluded from all the times."""
+    baselines = [r.fidelity["baseline_compile_ms"] for r in records if r.fidelity is not None]
+    return {
+        "kvcomm": sum(r.compile_ms for r in records),
+        **{k: sum(b[k] for b in baselines) for k in (*BASELINES, "floor")},
+    }
+
+
+def agent_summary(agent: int, measured: Sequence[CallRecord], all_calls: Sequence[CallRecord]) -> dict:
+    """Medians over one agent's measured calls; baselines and floor over its reuse calls (those the probe saw).
+
+    ``all_calls`` (warm-up included) only feed the compile times.
+    """
+    reused = [r for r in measured if r.fidelity is not None]
+    probe = [r.fidelity for r in reused]
+    dense = _median([p["dense_ttft_ms"] for p in probe])
+    cached = _median([p["dense_prefix_cached_ttft_ms"] for p in probe])
+    kvcomm = _median([r.ttft_ms for r in measured])
+    floor = _median([p["floor_ms"] for p in probe])
+    return {
+        "agent": agent + 1,
+        "prompt_tokens": _median([r.prompt_tokens for r in measured]),
+        "cached_prefix_tokens": _median([p["cached_prefix_tokens"] for p in probe]),
+        "dense_ttft_ms": dense,
+        "dense_prefix_cached_ttft_ms": cached,
+        "kvcomm_ttft_ms": kvcomm,
+        "breakdown_ms": {part: _median([r.breakdown_ms[part] for r in reused]) for part in BREAKDOWN},
+        "others_ms": _median([r.others_ms for r in measured]),
+        "floor_ms": floor,
+        "floor_parts_ms": {part: _median([p["floor_parts_ms"][part] for p in probe]) for part in ("forward", "read")},
+        "floor_bytes": _median([p["floor_bytes"] for p in probe]),
+        "speedup_vs_dense": _ratio(dense, kvcomm),
+        "speedup_vs_prefix_cached": _ratio(cached, kvcomm),
+        "kvcomm_over_floor": _ratio(kvcomm, floor),
+        "reused_calls": len(reused),
+        "calls": len(measured),
+        "first_token_agreement": _median([float(p["first_token_agrees"]) for p in probe]),
+        "prefix_cached_first_token_agreement": _median(
+            [float(p["prefix_cached_first_token"] == p["dense_first_token"]) for p in probe]
+        ),
+        "compile_ms": _compile_ms([r for r in all_calls if r.agent_id == agent]),
+    }
+
+
+def request_totals(measured: Sequence[Sequence[CallRecord]]) -> dict:
+    """Per request, the sum over agents of each mode's TTFT (KVCOMM: plus the calls' others); medians.
+
+    Only requests whose every call reused count (the others have no baselines).
+    """
+    complete = [records for records in measured if all(r.fidelity is not None for r in records)]
+    totals = {
+        **{k: [sum(r.fidelity[f"{k}_ttft_ms"] for r in records) for records in complete] for k in BASELINES},
+        "kvcomm": [sum(r.ttft_ms + r.others_ms for r in records) for records in complete],
+    }
+    request_ms = {k: _median(v) for k, v in totals.items()}
+    return {
+        "request_ms": request_ms,
+        "request_speedup": {
+            "vs_dense": _ratio(request_ms["dense"], request_ms["kvcomm"]),
+            "vs_prefix_cached": _ratio(request_ms["dense_prefix_cached"], request_ms["kvcomm"]),
+        },
+        "requests_in_totals": len(complete),
+    }
+
+
 def run_ttft_benchmark(model: LoadedModel, settings: TTFTSettings, progress: bool = True) -> dict:
-    """Run the workload; returns the JSON-ready result (medians over the measured samples)."""
+    """Run the workload; returns the JSON-ready result (see the module docstring)."""
     tokenizer = model.tokenizer
     engine = KVCommEngine(
         model,
@@ -99,43 +189,22 @@ def run_ttft_benchmark(model: LoadedModel, settings: TTFTSettings, progress: boo
             mode="kvcomm", gamma=settings.gamma, max_new_tokens=settings.output_tokens, lead_in=LEAD_IN,
             impl=settings.impl, ignore_eos=True,
         ),
-        probes=(kv_fidelity,),
+        probes=(BaselineProbe(),),
     )
     rng = random.Random(settings.seed)
     unmeasured = settings.anchor_requests + settings.warmup_requests
-    measured = []
-    anchor_calls = []
-    for r in tqdm(range(unmeasured + settings.samples), desc="bench-ttft requests", disable=not progress):
+    requests = []
+    for _ in tqdm(range(unmeasured + settings.samples), desc="bench-ttft requests", disable=not progress):
         request = engine.new_request(symbol_question(tokenizer, settings.input_tokens, rng))
-        records = [engine.run_agent(request, agent) for agent in range(settings.agents)]
-        (measured if r >= unmeasured else anchor_calls).append(records)
-
+        requests.append([engine.run_agent(request, agent) for agent in range(settings.agents)])
+    anchor_calls, measured = requests[:unmeasured], requests[unmeasured:]
     calls = [rec for records in measured for rec in records]
-    agents = []
-    for i in range(settings.agents):
-        mine = [rec for rec in calls if rec.agent_id == i]
-        reused = [rec for rec in mine if rec.fidelity is not None]
-        dense = [rec.fidelity["dense_ttft_ms"] for rec in reused] + [rec.ttft_ms for rec in mine if rec.fidelity is None]
-        kvcomm = [rec.ttft_ms for rec in mine]
-        breakdown = {
-            part: _median([rec.breakdown_ms[part] for rec in reused])
-            for part in ("matching_offset", "assembly", "forward")
-        }
-        breakdown["others"] = _median([rec.others_ms for rec in mine])
-        d, k = _median(dense), _median(kvcomm)
-        agents.append({
-            "agent": i + 1,
-            "prompt_tokens": _median([rec.prompt_tokens for rec in mine]),
-            "dense_ttft_ms": d,
-            "kvcomm_ttft_ms": k,
-            "speedup": d / k if d and k else None,
-            "reused_calls": len(reused),
-            "calls": len(mine),
-            "breakdown_ms": breakdown,
-            "first_token_agreement": _median([float(rec.fidelity["first_token_agrees"]) for rec in reused]),
-        })
+    every_call = [rec for records in requests for rec in records]
     return {
-        "agents": agents,
+        "agents": [
+            agent_summary(i, [r for r in calls if r.agent_id == i], every_call) for i in range(settings.agents)
+        ],
+        **request_totals(measured),
         "reuse_rate": reuse_rate(calls),
         "anchor_requests": {
             "count": len(anchor_calls),
@@ -144,4 +213,5 @@ def run_ttft_benchmark(model: LoadedModel, settings: TTFTSettings, progress: boo
         },
         "settings": dataclasses.asdict(settings),
         "model": model.source,
+        **run_info(),
     }

@@ -8,6 +8,9 @@ anchor inputs for one content. Every pool it holds is laid out on its mesh.
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import jax
 import numpy as np
 from jax.sharding import Mesh
 
@@ -62,18 +65,22 @@ class AnchorStore:
             return self._set(name, ensure_token_capacity(self.pools[name], length))
         return self.pools[name]
 
-    def observe(self, name: str, content: Content) -> None:
-        """Anchor prediction for a content whose base KV is known: sets ``content.becomes_anchor``.
+    def observe(self, name: str, contents: Sequence[Content]) -> None:
+        """Anchor prediction for contents whose base KV is known: sets each ``content.becomes_anchor``.
 
-        A shareable content adds activations to the anchors it matched.
+        Every prediction of one call sees the pool as it was before it (the contents of one
+        batched step are predicted together, with one read back of the results); then each
+        shareable content, in order, adds activations to the anchors it matched.
         """
-        pool = self.pool(name, len(content.ids))
-        becomes_anchor, increments, _ = predict(
-            content.base.values, content.base.length, pool.values, pool.lengths, pool.valid, self.gamma
-        )
-        content.becomes_anchor = bool(becomes_anchor)
-        if not content.becomes_anchor:
-            self.pools[name] = add_activations(pool, increments)
+        pool = self.pool(name, max(len(c.ids) for c in contents))
+        predictions = jax.device_get([
+            predict(c.base.values, c.base.length, pool.values, pool.lengths, pool.valid, self.gamma)[:2] for c in contents
+        ])
+        for content, (becomes_anchor, increments) in zip(contents, predictions):
+            content.becomes_anchor = bool(becomes_anchor)
+            if not content.becomes_anchor:
+                pool = add_activations(pool, increments)
+        self.pools[name] = pool
 
     def usable(self, name: str, consumer: int, length: int) -> np.ndarray:
         """``[V]`` bool: anchors of ``name`` that may correct a ``length``-token content for ``consumer``."""
@@ -94,12 +101,13 @@ class AnchorStore:
         )
         self._set(name, pool)
 
-    def inputs_for(self, name: str, consumer: int, content: Content) -> AnchorInputs:
-        """The anchors of ``name`` as ``consumer`` uses them to correct ``content``."""
+    def inputs_for(self, name: str, consumer: int, contents: Sequence[Content]) -> AnchorInputs:
+        """The anchors of ``name`` as ``consumer`` uses them to correct ``contents`` (one row each: ``usable [B, V]``)."""
         pool = self.pools[name]
+        usable = np.stack([self.usable(name, consumer, len(c.ids)) for c in contents])  # [B, V]
         return AnchorInputs(
             keys=pool.keys, values=pool.values, lengths=pool.lengths,
-            usable=sharding.place(self.usable(name, consumer, len(content.ids)), self.mesh),
+            usable=sharding.place(usable, self.mesh),
             deltas=pool.consumers[str(consumer)],
         )
 

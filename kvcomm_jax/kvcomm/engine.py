@@ -22,6 +22,7 @@ import time
 from typing import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 
 from kvcomm_jax.kvcomm.anchor_pool import AnchorPool
 from kvcomm_jax.kvcomm.anchor_store import AnchorStore
@@ -45,7 +46,7 @@ from kvcomm_jax.kvcomm.templates import (
 from kvcomm_jax.kvcomm.timing import ready
 from kvcomm_jax.model.buckets import bucket_length
 from kvcomm_jax.model.generation import check_prompt_lengths
-from kvcomm_jax.model.kv_cache import KVCache
+from kvcomm_jax.model.kv_cache import KVCache, concat_rows, take_rows
 from kvcomm_jax.model.registry import LoadedModel
 from kvcomm_jax.scale import sharding
 
@@ -139,19 +140,25 @@ class KVCommEngine:
         bucket_length(len(ids), what=f"placeholder {{{name}}} content")  # clear error when too long
         return ids
 
-    def _ensure_base(self, request: Request, name: str) -> float:
-        """Base KV of a question/condition (behind header + lead-in, docs/design.md §3) and its prediction; ms."""
-        content = request.contents[name]
-        if content.base is not None:
+    def _ensure_bases(self, requests: Sequence[Request], names: Sequence[str]) -> float:
+        """Base KV of questions/conditions without one (behind header + lead-in, docs/design.md §3), and predictions.
+
+        One batched prefill for all of them; returns its milliseconds (work outside TTFT).
+        """
+        missing = [(name, r.contents[name]) for r in requests for name in names if r.contents[name].base is None]
+        if not missing:
             return 0.0
         start = time.perf_counter()
-        drop, n = len(self._lead_ids), len(content.ids)
-        bucket = bucket_length(n, what=f"placeholder {{{name}}} content")
-        capacity = self.runner.capacity(drop + n, [bucket])
-        _, cache, _, _ = self.runner.prefill(self._lead_ids + content.ids, capacity, jax.random.PRNGKey(0))
-        content.base = self.runner.extract(cache, Span(drop, n))
-        self.anchors.observe(name, content)
-        return (ready(content.base.keys) - start) * 1e3
+        drop = len(self._lead_ids)
+        buckets = [bucket_length(len(c.ids), what=f"placeholder {{{n}}} content") for n, c in missing]
+        capacity = self.runner.capacity(drop + max(len(c.ids) for _, c in missing), buckets)
+        prompts = [self._lead_ids + c.ids for _, c in missing]
+        _, cache, _, _ = self.runner.prefill(prompts, capacity, jax.random.PRNGKey(0))
+        for row, (_, content) in enumerate(missing):
+            content.base = self.runner.extract(cache, Span(drop, len(content.ids)), row=row)
+        for name in dict.fromkeys(n for n, _ in missing):
+            self.anchors.observe(name, [c for n, c in missing if n == name])
+        return (ready([c.base for _, c in missing]) - start) * 1e3
 
     def _contents_for(self, request: Request, agent_id: int) -> dict[str, Content]:
         out = {}
@@ -167,86 +174,136 @@ class KVCommEngine:
 
     def prepare_call(self, request: Request, agent_id: int) -> PreparedCall:
         """Gather the agent's inputs (computing base KV of questions/conditions if the strategy uses anchors)."""
+        return self._prepare_calls([request], agent_id)[0]
+
+    def _prepare_calls(self, requests: Sequence[Request], agent_id: int) -> list[PreparedCall]:
         if agent_id not in self.templates:
             raise ValueError(f"unknown agent {agent_id} (agents: {self.templates.agents})")
-        contents = self._contents_for(request, agent_id)
+        template = self.templates[agent_id]
+        contents = [self._contents_for(r, agent_id) for r in requests]
         others_ms = 0.0
         if self.strategy.uses_anchors:
-            others_ms = sum(self._ensure_base(request, n) for n in contents if placeholder_producer(n) is None or is_condition(n))
-        template = self.templates[agent_id]
-        ids = tuple(template.ids({n: c.ids for n, c in contents.items()}))
-        check_prompt_lengths([ids], self.config.max_new_tokens, self.model.config, names=[f"agent {agent_id}'s prompt"])
-        buckets = [bucket_length(len(c.ids), what=f"placeholder {{{n}}} content") for n, c in contents.items()]
-        if self.strategy.uses_anchors:
-            buckets += [p.bucket for p in self.templates.kv(agent_id).prefixes[1:]]
-        layout = template.layout({n: len(c.ids) for n, c in contents.items()})
-        return PreparedCall(agent_id, ids, contents, layout, self.runner.capacity(len(ids), buckets), others_ms)
+            names = [n for n in template.placeholders if placeholder_producer(n) is None or is_condition(n)]
+            others_ms = self._ensure_bases(requests, names) / len(requests)
+        calls = []
+        for mine in contents:
+            ids = tuple(template.ids({n: c.ids for n, c in mine.items()}))
+            check_prompt_lengths([ids], self.config.max_new_tokens, self.model.config, names=[f"agent {agent_id}'s prompt"])
+            buckets = [bucket_length(len(c.ids), what=f"placeholder {{{n}}} content") for n, c in mine.items()]
+            if self.strategy.uses_anchors:
+                buckets += [p.bucket for p in self.templates.kv(agent_id).prefixes[1:]]
+            layout = template.layout({n: len(c.ids) for n, c in mine.items()})
+            calls.append(PreparedCall(agent_id, ids, mine, layout, self.runner.capacity(len(ids), buckets), others_ms))
+        return calls
 
     def reuse_cache(self, call: PreparedCall, strategy=None) -> KVCache:
         """The reuse cache of ``call`` (all prompt tokens but the last) as ``strategy`` (default: the engine's) builds it."""
-        return (strategy or self.strategy).build_cache(self.context, call).cache
+        return (strategy or self.strategy).build_cache(self.context, [call], call.capacity).cache
 
-    def reuse_prefill(self, call: PreparedCall, key):
-        """The reuse path: the strategy's cache for ``ids[:-1]``, then a one-token forward.
+    def reuse_prefill(self, calls: Sequence[PreparedCall], capacity: int, key):
+        """The reuse path for a batch of calls: the strategy's cache for each ``ids[:-1]``, then a one-token forward.
 
-        Returns ``(first_token [1], cache, breakdown_ms, compile_ms)``; the breakdown holds
+        Returns ``(first_tokens [B], cache, breakdown_ms, compile_ms)``; the breakdown holds
         warm times of "matching_offset", "assembly" and "forward".
         """
-        built = self.strategy.build_cache(self.context, call)
-        first, cache, forward_ms, compile_forward = self.runner.forward_last_token(call.ids, built.cache, key)
+        built = self.strategy.build_cache(self.context, calls, capacity)
+        first, cache, forward_ms, compile_forward = self.runner.forward_last_tokens([c.ids for c in calls], built.cache, key)
         return first, cache, {**built.timings_ms, "forward": forward_ms}, built.compile_ms + compile_forward
 
     def run_agent(self, request: Request, agent_id: int) -> CallRecord:
         """One agent call: prefill (dense or reuse), decode, publish the response. Returns its record."""
-        call = self.prepare_call(request, agent_id)
-        others_ms = call.others_ms
-        key = jax.random.fold_in(jax.random.PRNGKey(self.config.sampling.seed), request.index * 4096 + agent_id)
+        return self.run_agents([request], agent_id)[0]
+
+    def run_agents(self, requests: Sequence[Request], agent_id: int) -> list[CallRecord]:
+        """One agent's calls for ``B`` requests as one batched step; returns their records in request order.
+
+        The rows that go dense share one batched prefill, the rows that reuse one batched
+        reuse step, and all rows one batched decode. Pool updates are applied after each
+        part in request order; predictions within a step see the pools as they were before
+        it. A call's TTFT is its batched part's time. The step's randomness comes from the
+        first request's key, so sampled (non-greedy) rows differ from one-by-one runs;
+        greedy decoding does not depend on it.
+        """
+        if not requests:
+            raise ValueError("run_agents needs at least one request")
+        calls = self._prepare_calls(requests, agent_id)
+        capacity = max(c.capacity for c in calls)
+        key = jax.random.fold_in(jax.random.PRNGKey(self.config.sampling.seed), requests[0].index * 4096 + agent_id)
         prefill_key, decode_key = jax.random.split(key)
+        decisions = [self.strategy.decide(self.context, c) for c in calls]
+        groups = {True: [], False: []}
+        for row, decision in enumerate(decisions):
+            groups[decision.reuse].append(row)
 
-        decision = self.strategy.decide(self.context, call)
-        if decision.reuse:
-            first, cache, breakdown, compile_ms = self.reuse_prefill(call, prefill_key)
-        else:
-            first, cache, prefill_ms, compile_ms = self.runner.prefill(call.ids, call.capacity, prefill_key)
-            breakdown = {"prefill": prefill_ms}
-            if self.strategy.uses_anchors:
-                start = time.perf_counter()
-                self.strategy.after_dense(self.context, call, cache)
-                others_ms += (ready(self.pools) - start) * 1e3
-        fidelity = None
-        if decision.reuse and self.probes:
-            fidelity = {k: v for probe in self.probes for k, v in probe(self, call, cache, first, prefill_key).items()}
+        parts = {}  # reuse? -> (first [b], cache, breakdown_ms, compile_ms, others_ms)
+        if groups[False]:
+            rows = groups[False]
+            first, cache, prefill_ms, compile_ms = self.runner.prefill([calls[r].ids for r in rows], capacity, prefill_key)
+            start = time.perf_counter()
+            for i, r in enumerate(rows):
+                self.strategy.after_dense(self.context, calls[r], cache, i)
+            after_ms = (ready(self.pools) - start) * 1e3 / len(rows) if self.strategy.uses_anchors else 0.0
+            parts[False] = (first, cache, {"prefill": prefill_ms}, compile_ms, after_ms)
+        if groups[True]:
+            rows = groups[True]
+            first, cache, breakdown, compile_ms = self.reuse_prefill([calls[r] for r in rows], capacity, prefill_key)
+            parts[True] = (first, cache, breakdown, compile_ms, 0.0)
 
-        n = len(call.ids)
-        response, cache = self.runner.decode(first, n, cache, decode_key)
-        others_ms += self._publish_response(request, agent_id, response, n, cache)
-        record = CallRecord(
-            request=request.index,
-            agent_id=agent_id,
-            path="reuse" if decision.reuse else "dense",
-            reason=decision.reason,
-            prompt_tokens=n,
-            reused_tokens=n - 1 if decision.reuse else 0,
-            ttft_ms=sum(breakdown.values()),
-            breakdown_ms=breakdown,
-            compile_ms=compile_ms,
-            others_ms=others_ms,
-            first_token=int(first[0]),
-            response_ids=response,
-            text=self.model.tokenizer.decode(response, skip_special=True),
-            fidelity=fidelity,
-        )
-        request.records.append(record)
-        return record
+        order = groups[False] + groups[True]  # rows of the concatenated parts
+        first = jnp.concatenate([parts[k][0] for k in (False, True) if k in parts])  # [B]
+        cache = concat_rows([parts[k][1] for k in (False, True) if k in parts])
+        if order != sorted(order):  # back to request order
+            inverse = jnp.asarray(sorted(range(len(order)), key=order.__getitem__), jnp.int32)
+            first, cache = first[inverse], take_rows(cache, inverse)
+        fidelity = [None] * len(calls)
+        if self.probes:
+            for r in groups[True]:
+                row_cache = take_rows(cache, jnp.asarray([r], jnp.int32))
+                fidelity[r] = {
+                    k: v for probe in self.probes for k, v in probe(self, calls[r], row_cache, first[r : r + 1], prefill_key).items()
+                }
 
-    def _publish_response(self, request: Request, agent_id: int, response: list[int], prompt_len: int, cache) -> float:
-        """Make the response the content of ``{agent_<id>_current}``; with anchors, its KV is the base (ms)."""
+        lengths = [len(c.ids) for c in calls]
+        responses, cache = self.runner.decode(first, lengths, cache, decode_key)
+        publish_ms = self._publish_responses(requests, agent_id, responses, lengths, cache)
+        first = jax.device_get(first)
+        records = []
+        for row, (request, call, decision) in enumerate(zip(requests, calls, decisions)):
+            _, _, breakdown, compile_ms, after_ms = parts[decision.reuse]
+            n = len(call.ids)
+            record = CallRecord(
+                request=request.index,
+                agent_id=agent_id,
+                path="reuse" if decision.reuse else "dense",
+                reason=decision.reason,
+                prompt_tokens=n,
+                reused_tokens=n - 1 if decision.reuse else 0,
+                ttft_ms=sum(breakdown.values()),
+                breakdown_ms=dict(breakdown),
+                compile_ms=compile_ms,
+                others_ms=call.others_ms + after_ms + publish_ms,
+                first_token=int(first[row]),
+                response_ids=responses[row],
+                text=self.model.tokenizer.decode(responses[row], skip_special=True),
+                fidelity=fidelity[row],
+            )
+            request.records.append(record)
+            records.append(record)
+        return records
+
+    def _publish_responses(self, requests, agent_id: int, responses, prompt_lengths, cache) -> float:
+        """Make each response the content of ``{agent_<id>_current}``; with anchors, its KV is the base.
+
+        Returns the milliseconds per row (work outside TTFT).
+        """
         name = response_placeholder(agent_id)
-        content = Content(tuple(response))
-        request.contents[name] = content
+        contents = [Content(tuple(response)) for response in responses]
+        for request, content in zip(requests, contents):
+            request.contents[name] = content
         if not self.strategy.uses_anchors or name not in self.consumers:
             return 0.0
         start = time.perf_counter()
-        content.base = self.runner.extract(cache, Span(prompt_len, len(response)))
-        self.strategy.after_response(self.context, name, content)
-        return (ready(content.base.keys) - start) * 1e3
+        for row, (content, n) in enumerate(zip(contents, prompt_lengths)):
+            content.base = self.runner.extract(cache, Span(n, len(content.ids)), row=row)
+        self.strategy.after_response(self.context, name, contents)
+        return (ready([c.base for c in contents]) - start) * 1e3 / len(contents)

@@ -37,7 +37,11 @@ from jax.sharding import Mesh
 from kvcomm_jax.kvcomm.anchor_pool import AnchorPool, empty_pool, record_deltas
 from kvcomm_jax.model.config import ModelConfig
 from kvcomm_jax.model.params import check_param_shapes, param_shapes
-from kvcomm_jax.scale.sharding import params_shardings, shardings_for, single_device_mesh
+from kvcomm_jax.scale.sharding import (
+    params_shardings,
+    shardings_for,
+    single_device_mesh,
+)
 
 FORMAT_VERSION = 1
 POOLS, PARAMS = "anchor_pools", "params"

@@ -141,3 +141,39 @@ def assemble_cache(prefix0: SegmentKV, segments, starts, num_cached, *, capacity
     for segment, start in zip((prefix0, *segments), (0, *starts)):
         cache = write_span(cache, 0, start, segment.keys, segment.values, _positions(segment, start))
     return with_lengths(cache, num_cached)
+
+
+def _row_axes(inputs: PlaceholderInputs) -> PlaceholderInputs:
+    """``vmap`` axes of a batch of rows: contents, starts and usability per row; template prefix and pool shared."""
+    anchors = AnchorInputs(keys=None, values=None, lengths=None, usable=0, deltas=None)
+    return PlaceholderInputs(content=0, prefix=None, content_start=0, prefix_start=0, anchors=anchors)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_offsets", "impl"))
+def correct_segments_batch(inputs: tuple[PlaceholderInputs, ...], rope, *, apply_offsets: bool, impl: str = "auto"):
+    """:func:`correct_segments` for ``B`` rows at once.
+
+    Each input holds a leading ``B`` axis on ``content`` (``[B, L, H, Tc, D]``, one bucket for
+    all rows), ``content_start``, ``prefix_start`` (``[B]``) and ``anchors.usable``
+    (``[B, V]``); the template prefix and the pool arrays are shared. Returns one
+    ``(content, prefix)`` pair per placeholder, each with a leading ``B`` axis.
+    """
+    correct = functools.partial(correct_segments, apply_offsets=apply_offsets, impl=impl)
+    return jax.vmap(correct, in_axes=(tuple(_row_axes(p) for p in inputs), None))(inputs, rope)
+
+
+@functools.partial(jax.jit, static_argnames=("capacity",))
+def assemble_cache_batch(prefix0: SegmentKV, segments, starts, num_cached, *, capacity: int) -> KVCache:
+    """:func:`assemble_cache` for ``B`` rows: a cache ``[L, B, H, capacity, D]``.
+
+    ``prefix0`` is shared; each of ``segments`` has a leading ``B`` axis; ``starts``
+    ``[B, len(segments)]``; ``num_cached`` ``[B]``.
+    """
+    assemble = functools.partial(assemble_cache, capacity=capacity)
+    rows = jax.vmap(assemble, in_axes=(None, 0, 0, 0))(prefix0, segments, starts, num_cached)  # keys [B, L, 1, H, S, D]
+    return KVCache(
+        keys=jnp.moveaxis(rows.keys[:, :, 0], 0, 1),  # [L, B, H, S, D]
+        values=jnp.moveaxis(rows.values[:, :, 0], 0, 1),
+        positions=rows.positions[:, 0],  # [B, S]
+        lengths=rows.lengths[:, 0],  # [B]
+    )

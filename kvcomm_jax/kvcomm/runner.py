@@ -13,7 +13,6 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
 
 from kvcomm_jax.kvcomm.config import EngineConfig
@@ -55,41 +54,44 @@ class ModelRunner:
             self.model.params, tokens, positions, num_new, cache, key, self.model.config, self.config.sampling, fresh=fresh
         )
 
-    def prefill(self, ids: Sequence[int], capacity: int, key):
-        """Dense prefill of one prompt: ``(first_token [1], cache, ms, compile_ms)`` (see ``timed``)."""
-        tokens, positions, lengths = pad_prompts([ids])
+    def prefill(self, prompts: Sequence[Sequence[int]], capacity: int, key):
+        """Dense prefill of ``B`` prompts, right-padded to one length bucket.
+
+        Returns ``(first_tokens [B], cache [L, B, H, capacity, D], ms, compile_ms)`` (see ``timed``).
+        """
+        tokens, positions, lengths = pad_prompts(prompts)  # [B, T], [B, T], [B]
 
         def step():
-            cache = sharding.place(init_cache(self.model.config, 1, capacity), self.mesh)
+            cache = sharding.place(init_cache(self.model.config, len(prompts), capacity), self.mesh)
             first, _, cache = self._forward(tokens, positions, lengths, cache, key, fresh=True)
             return first, cache
 
         (first, cache), ms, compile_ms = timed(step)
         return first, cache, ms, compile_ms
 
-    def forward_last_token(self, ids: Sequence[int], cache: KVCache, key):
-        """The reuse call's model step: the prompt's last token over ``cache`` (which holds all the others).
+    def forward_last_tokens(self, prompts: Sequence[Sequence[int]], cache: KVCache, key):
+        """The reuse call's model step: each prompt's last token over its row of ``cache`` (which holds the others).
 
-        Returns ``(first_token [1], cache, ms, compile_ms)``.
+        Returns ``(first_tokens [B], cache, ms, compile_ms)``.
         """
-        token = jnp.asarray([[ids[-1]]], jnp.int32)  # [1, 1]
-        position = jnp.asarray([[len(ids) - 1]], jnp.int32)
-        (first, _, cache), ms, compile_ms = timed(
-            lambda: self._forward(token, position, jnp.ones((1,), jnp.int32), cache, key, fresh=False)
-        )
+        tokens = jnp.asarray([[ids[-1]] for ids in prompts], jnp.int32)  # [B, 1]
+        positions = jnp.asarray([[len(ids) - 1] for ids in prompts], jnp.int32)  # [B, 1]
+        num_new = jnp.ones((len(prompts),), jnp.int32)
+        (first, _, cache), ms, compile_ms = timed(lambda: self._forward(tokens, positions, num_new, cache, key, fresh=False))
         return first, cache, ms, compile_ms
 
-    def decode(self, first, prompt_len: int, cache: KVCache, key) -> tuple[list[int], KVCache]:
-        """Greedy/sampled decoding after the first token: ``(response ids, cache)``; stop tokens excluded."""
+    def decode(self, first, prompt_lengths: Sequence[int], cache: KVCache, key) -> tuple[list[list[int]], KVCache]:
+        """Decoding after the first tokens ``[B]``: ``(one response id list per row, cache)``; stop tokens excluded."""
         out, count, cache = decode(
-            self.model.params, first, jnp.asarray([prompt_len], jnp.int32), cache, self.stop_ids, key,
+            self.model.params, first, jnp.asarray(prompt_lengths, jnp.int32), cache, self.stop_ids, key,
             self.model.config, self.config.sampling, self.config.max_new_tokens,
         )
-        return np.asarray(out)[0, : int(count[0])].tolist(), cache
+        out, count = jax.device_get((out, count))  # [B, N], [B]: the one read back of a decode
+        return [row[:n].tolist() for row, n in zip(out, count)], cache
 
-    def extract(self, cache: KVCache, span: Span, frame0: bool = True) -> SegmentKV:
-        """Slots ``span`` of row 0 as a segment padded to its length bucket (keys de-rotated to frame 0 if asked)."""
+    def extract(self, cache: KVCache, span: Span, frame0: bool = True, row: int = 0) -> SegmentKV:
+        """Slots ``span`` of ``row`` as a segment padded to its length bucket (keys de-rotated to frame 0 if asked)."""
         bucket = bucket_length(span.length, what="segment")
         return extract_segment(
-            cache, span.start, span.length, self.rope, bucket=bucket, frame0=frame0, impl=self.config.impl
+            cache, span.start, span.length, self.rope, bucket=bucket, frame0=frame0, impl=self.config.impl, row=row
         )

@@ -8,6 +8,7 @@ corrections add in frame 0 and a single rotation places the result.
 from __future__ import annotations
 
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -54,14 +55,16 @@ def _zero_padding(x, length):
 
 
 @functools.partial(jax.jit, static_argnames=("bucket", "frame0", "impl"))
-def extract_segment(cache: KVCache, start, length, inv_freq, *, bucket: int, frame0: bool = True, impl: str = "auto") -> SegmentKV:
-    """Slots ``[start, start + length)`` of row 0 of ``cache`` as a :class:`SegmentKV` of ``bucket`` tokens.
+def extract_segment(
+    cache: KVCache, start, length, inv_freq, *, bucket: int, frame0: bool = True, impl: str = "auto", row=0
+) -> SegmentKV:
+    """Slots ``[start, start + length)`` of row ``row`` of ``cache`` as a :class:`SegmentKV` of ``bucket`` tokens.
 
     With ``frame0`` the keys are de-rotated from the positions recorded in the
-    cache to position 0. Padding tokens are zero. The cache must have at
-    least ``start + bucket`` slots.
+    cache to position 0 (``inv_freq``: per-layer RoPE tables ``[L, D/2]``). Padding
+    tokens are zero. The cache must have at least ``start + bucket`` slots.
     """
-    keys, values, positions = slice_span(cache, 0, start, bucket)  # [L, H, bucket, D], [bucket]
+    keys, values, positions = slice_span(cache, row, start, bucket)  # [L, H, bucket, D], [bucket]
     if frame0:
         keys = rotate_keys(keys, -positions, inv_freq, length, impl=impl)
     return SegmentKV(_zero_padding(keys, length), _zero_padding(values, length), jnp.asarray(length, jnp.int32))
@@ -74,3 +77,13 @@ def segment_difference(real: SegmentKV, base: SegmentKV) -> SegmentKV:
     values = real.values.astype(jnp.float32) - base.values.astype(jnp.float32)
     return SegmentKV(_zero_padding(keys, real.length).astype(real.keys.dtype),
                      _zero_padding(values, real.length).astype(real.values.dtype), real.length)
+
+
+def stack_rows(segments: Sequence[SegmentKV]) -> SegmentKV:
+    """Segments of any buckets as one batch: keys/values ``[B, L, H, T, D]`` (``T`` = largest bucket), lengths ``[B]``."""
+    bucket = max(s.bucket for s in segments)
+    return SegmentKV(
+        keys=jnp.stack([fit_tokens(s.keys, bucket) for s in segments]),
+        values=jnp.stack([fit_tokens(s.values, bucket) for s in segments]),
+        length=jnp.stack([jnp.asarray(s.length, jnp.int32) for s in segments]),
+    )

@@ -14,12 +14,16 @@ baseline, a hybrid) is one new class registered in :data:`STRATEGIES`.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import jax.numpy as jnp
 
-from kvcomm_jax.kvcomm.reuse import PlaceholderInputs, assemble_cache, correct_segments
-from kvcomm_jax.kvcomm.segments import segment_difference
+from kvcomm_jax.kvcomm.reuse import (
+    PlaceholderInputs,
+    assemble_cache_batch,
+    correct_segments_batch,
+)
+from kvcomm_jax.kvcomm.segments import segment_difference, stack_rows
 from kvcomm_jax.kvcomm.timing import timed
 
 if TYPE_CHECKING:
@@ -65,13 +69,13 @@ class Dense:
     def decide(self, ctx: ReuseContext, call: "PreparedCall") -> Decision:
         return Decision(False, "dense mode")
 
-    def build_cache(self, ctx: ReuseContext, call: "PreparedCall") -> BuiltCache:
+    def build_cache(self, ctx: ReuseContext, calls: Sequence["PreparedCall"], capacity: int) -> BuiltCache:
         raise ValueError("the dense strategy never reuses")
 
-    def after_dense(self, ctx: ReuseContext, call: "PreparedCall", cache: "KVCache") -> None:
+    def after_dense(self, ctx: ReuseContext, call: "PreparedCall", cache: "KVCache", row: int) -> None:
         pass
 
-    def after_response(self, ctx: ReuseContext, name: str, content: "Content") -> None:
+    def after_response(self, ctx: ReuseContext, name: str, contents: Sequence["Content"]) -> None:
         pass
 
 
@@ -90,52 +94,55 @@ class KVComm:
                 return Decision(False, f"{{{name}}}: no anchor holds agent {call.agent_id}'s deltas and is long enough")
         return Decision(True)
 
-    def build_cache(self, ctx: ReuseContext, call: "PreparedCall") -> BuiltCache:
-        """The cache of every prompt token but the last (``lengths = len(ids) - 1``).
+    def build_cache(self, ctx: ReuseContext, calls: Sequence["PreparedCall"], capacity: int) -> BuiltCache:
+        """The cache ``[L, B, H, capacity, D]`` of every prompt token but the last, one row per call.
 
-        Two jitted calls: matching + offsets for every placeholder, then assembly.
+        The calls are one agent's (one template). Two jitted calls for the whole batch:
+        matching + offsets for every placeholder, then assembly.
         """
-        template_kv = ctx.templates.kv(call.agent_id)
-        layout = call.layout
+        agent = calls[0].agent_id
+        template_kv = ctx.templates.kv(agent)
+        placeholders = calls[0].layout.placeholders
         inputs = tuple(
             PlaceholderInputs(
-                content=call.contents[name].base,
+                content=stack_rows([c.contents[name].base for c in calls]),
                 prefix=template_kv.prefix(i + 1),
-                content_start=jnp.int32(layout.content(i).start),
-                prefix_start=jnp.int32(layout.prefix(i + 1).start),
-                anchors=ctx.anchors.inputs_for(name, call.agent_id, call.contents[name]),
+                content_start=jnp.asarray([c.layout.content(i).start for c in calls], jnp.int32),  # [B]
+                prefix_start=jnp.asarray([c.layout.prefix(i + 1).start for c in calls], jnp.int32),
+                anchors=ctx.anchors.inputs_for(name, agent, [c.contents[name] for c in calls]),
             )
-            for i, name in enumerate(layout.placeholders)
+            for i, name in enumerate(placeholders)
         )
         impl = ctx.runner.config.impl
         corrected, matching_ms, compile_matching = timed(
-            lambda: correct_segments(inputs, ctx.runner.rope, apply_offsets=self.apply_offsets, impl=impl)
+            lambda: correct_segments_batch(inputs, ctx.runner.rope, apply_offsets=self.apply_offsets, impl=impl)
         )
         segments = [segment for pair in corrected for segment in pair]
-        starts = jnp.asarray([span.start for span in layout.after_prefix0()], jnp.int32)
-        cache, assembly_ms, compile_assembly = timed(lambda: assemble_cache(
-            template_kv.prefix(0), segments, starts, jnp.int32(len(call.ids) - 1), capacity=call.capacity
+        starts = jnp.asarray([[span.start for span in c.layout.after_prefix0()] for c in calls], jnp.int32)  # [B, 2P]
+        num_cached = jnp.asarray([len(c.ids) - 1 for c in calls], jnp.int32)  # [B]
+        cache, assembly_ms, compile_assembly = timed(lambda: assemble_cache_batch(
+            template_kv.prefix(0), segments, starts, num_cached, capacity=capacity
         ))
         return BuiltCache(cache, {"matching_offset": matching_ms, "assembly": assembly_ms}, compile_matching + compile_assembly)
 
-    def after_dense(self, ctx: ReuseContext, call: "PreparedCall", cache: "KVCache") -> None:
-        """Store ``real - base`` deviations for the contents predicted to be anchors."""
+    def after_dense(self, ctx: ReuseContext, call: "PreparedCall", cache: "KVCache", row: int) -> None:
+        """Store ``real - base`` deviations (from ``row`` of ``cache``) for the contents predicted to be anchors."""
         template_kv = ctx.templates.kv(call.agent_id)
         for i, name in enumerate(call.layout.placeholders):
             content = call.contents[name]
             if not content.becomes_anchor:
                 continue
-            real_content = ctx.runner.extract(cache, call.layout.content(i))
-            real_prefix = ctx.runner.extract(cache, call.layout.prefix(i + 1))
+            real_content = ctx.runner.extract(cache, call.layout.content(i), row=row)
+            real_prefix = ctx.runner.extract(cache, call.layout.prefix(i + 1), row=row)
             ctx.anchors.store(
                 name, content, call.agent_id,
                 segment_difference(real_content, content.base),
                 segment_difference(real_prefix, template_kv.prefix(i + 1)),
             )
 
-    def after_response(self, ctx: ReuseContext, name: str, content: "Content") -> None:
-        """A published response (its base KV already set) is predicted like any content."""
-        ctx.anchors.observe(name, content)
+    def after_response(self, ctx: ReuseContext, name: str, contents: Sequence["Content"]) -> None:
+        """Published responses (their base KV already set) are predicted like any content."""
+        ctx.anchors.observe(name, contents)
 
 
 class RotateOnly(KVComm):

@@ -59,7 +59,7 @@ class TemplateStore:
             layout = template.layout()
             buckets = [bucket_length(s.length, what="template segment") for s in (*layout.prefixes, *layout.contents)]
             ids = template.ids()
-            _, cache, _, _ = self.runner.prefill(ids, self.runner.capacity(len(ids), buckets), jax.random.PRNGKey(0))
+            _, cache, _, _ = self.runner.prefill([ids], self.runner.capacity(len(ids), buckets), jax.random.PRNGKey(0))
             self._kv[agent_id] = TemplateKV(tuple(
                 self.runner.extract(cache, span, frame0=i > 0) for i, span in enumerate(layout.prefixes)
             ))

@@ -9,6 +9,8 @@ keep their own positions.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -89,3 +91,25 @@ def write_span(cache: KVCache, row: int, start, keys, values, positions) -> KVCa
 def with_lengths(cache: KVCache, lengths) -> KVCache:
     """The same cache with ``lengths [B]`` replaced."""
     return cache.replace(lengths=jnp.asarray(lengths, jnp.int32).reshape(cache.lengths.shape))
+
+
+def concat_rows(caches: Sequence[KVCache]) -> KVCache:
+    """Caches of equal capacity stacked along the batch axis (rows in the given order)."""
+    if len(caches) == 1:
+        return caches[0]
+    return KVCache(
+        keys=jnp.concatenate([c.keys for c in caches], axis=1),  # [L, B, H, S, D]
+        values=jnp.concatenate([c.values for c in caches], axis=1),
+        positions=jnp.concatenate([c.positions for c in caches], axis=0),  # [B, S]
+        lengths=jnp.concatenate([c.lengths for c in caches], axis=0),  # [B]
+    )
+
+
+def take_rows(cache: KVCache, rows) -> KVCache:
+    """The rows ``rows [R]`` of ``cache`` (any order), as a cache of batch ``R``."""
+    return KVCache(
+        keys=jnp.take(cache.keys, rows, axis=1),  # [L, R, H, S, D]
+        values=jnp.take(cache.values, rows, axis=1),
+        positions=jnp.take(cache.positions, rows, axis=0),  # [R, S]
+        lengths=jnp.take(cache.lengths, rows, axis=0),  # [R]
+    )

@@ -1,0 +1,158 @@
+"""What a reuse call is measured against, timed on its identical prompt: an engine probe.
+
+:class:`BaselineProbe` is an engine probe (see :class:`~kvcomm_jax.kvcomm.engine.KVCommEngine`):
+right after each reuse call, outside its TTFT, it times on the call's very prompt
+(``N`` tokens, batch 1):
+
+* **dense**: a prefill of the exact prompt (tokens ``[1, N]``, no bucket padding) into a
+  fresh cache of the call's capacity, to the first token;
+* **dense with prefix caching**: the agent's template prefix 0 (the text before its first
+  placeholder, identical in every request, ``q0`` tokens) is cached once per agent and not
+  charged; the call prefills the other ``N - q0`` tokens (exact length, positions
+  ``q0 ..``) over that cache, to the first token;
+* **the floor** of the reuse call: one warm one-token forward at the reuse call's cache
+  length (``N - 1`` valid slots, the call's capacity), plus the time to read once every
+  byte that correction and assembly must read (:func:`correction_reads`).
+
+Every time is warm: a step that compiled is rerun (:func:`kvcomm_jax.kvcomm.timing.timed`)
+and its compile time is reported apart, under ``baseline_compile_ms``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from kvcomm_jax.kvcomm.request import PreparedCall
+from kvcomm_jax.kvcomm.reuse import assemble_cache
+from kvcomm_jax.kvcomm.runner import ModelRunner
+from kvcomm_jax.kvcomm.segments import SegmentKV, fit_tokens
+from kvcomm_jax.kvcomm.timing import timed
+from kvcomm_jax.model.generation import prefill
+from kvcomm_jax.model.kv_cache import KVCache, init_cache, with_lengths
+from kvcomm_jax.scale import sharding
+
+
+def exact_prompt(ids: Sequence[int], start: int = 0):
+    """``ids`` as unpadded prefill inputs at positions ``start, start + 1, ...``.
+
+    Returns ``(tokens [1, T], positions [1, T], num_new [1])`` with ``T = len(ids)``.
+    """
+    T = len(ids)
+    tokens = jnp.asarray([ids], jnp.int32)
+    positions = jnp.arange(start, start + T, dtype=jnp.int32)[None]
+    return tokens, positions, jnp.asarray([T], jnp.int32)
+
+
+def timed_prefill(runner: ModelRunner, ids: Sequence[int], start: int, make_cache: Callable[[], KVCache], key, fresh: bool):
+    """Exact-length prefill of ``ids`` (positions ``start ..``) over ``make_cache()`` to the first token, timed warm.
+
+    ``make_cache`` runs inside the timed step; ``fresh``: the cache it returns is empty.
+    Returns ``(first_token [1], ms, compile_ms)``.
+    """
+    tokens, positions, num_new = exact_prompt(ids, start)
+    model = runner.model
+
+    def step():
+        first, _, cache = prefill(
+            model.params, tokens, positions, num_new, make_cache(), key, model.config, runner.config.sampling, fresh=fresh
+        )
+        return first, cache
+
+    (first, _), ms, compile_ms = timed(step)
+    return first, ms, compile_ms
+
+
+def prefix_cache(prefix0: SegmentKV, length: int, capacity: int) -> KVCache:
+    """A one-row cache ``[L, 1, H, capacity, D]`` holding the first ``length`` tokens of ``prefix0`` at positions ``0 ..``."""
+    return assemble_cache(prefix0, (), jnp.zeros((0,), jnp.int32), length, capacity=capacity)
+
+
+def correction_reads(engine, call: PreparedCall) -> list[jax.Array]:
+    """The arrays the reuse call's correction and assembly read, as the strategy hands them over.
+
+    The template prefixes ``prefix(0..P)``, keys and values ``[L, H, Tp, D]``; per placeholder
+    its content's base ``[L, H, Tc, D]``, the pool's anchors ``[A, L, H, Ta, D]`` (all ``A``
+    allocated slots are stacked: unusable ones are masked, not skipped) and this consumer's
+    deltas: over the content ``[A, L, H, Tc, D]`` (the first ``Tc`` tokens, which the
+    correction uses) and over the following prefix ``[A, L, H, Tp, D]``.
+    """
+    template_kv = engine.templates.kv(call.agent_id)
+    arrays = [template_kv.prefix(0).keys, template_kv.prefix(0).values]
+    for i, name in enumerate(call.layout.placeholders):
+        content = call.contents[name]
+        anchors = engine.anchors.inputs_for(name, call.agent_id, [content])
+        deltas, tokens = anchors.deltas, content.base.bucket
+        arrays += [
+            content.base.keys, content.base.values, template_kv.prefix(i + 1).keys, template_kv.prefix(i + 1).values,
+            anchors.keys, anchors.values,
+            fit_tokens(deltas.placeholder_keys, tokens), fit_tokens(deltas.placeholder_values, tokens),
+            deltas.prefix_keys, deltas.prefix_values,
+        ]
+    return arrays
+
+
+@jax.jit
+def read_all(arrays):
+    """The float32 sum of every element of ``arrays``: one program that reads each byte once."""
+    return sum(jnp.sum(a, dtype=jnp.float32) for a in arrays)
+
+
+def reuse_floor(engine, call: PreparedCall, cache: KVCache, key) -> dict:
+    """The reuse call's floor on ``cache`` (its row after the call): a one-token forward at ``N - 1`` slots, and the reads.
+
+    Returns ``{"parts_ms": {"forward", "read"}, "bytes", "compile_ms"}``.
+    """
+    reuse_input = with_lengths(cache, [len(call.ids) - 1])
+    _, _, forward_ms, forward_compile = engine.runner.forward_last_tokens([call.ids], reuse_input, key)
+    arrays = correction_reads(engine, call)
+    _, read_ms, read_compile = timed(lambda: read_all(arrays))
+    return {
+        "parts_ms": {"forward": forward_ms, "read": read_ms},
+        "bytes": sum(a.nbytes for a in arrays),
+        "compile_ms": forward_compile + read_compile,
+    }
+
+
+class BaselineProbe:
+    """Engine probe: dense, prefix-cached dense and the floor on each reuse call's prompt (see the module docstring).
+
+    Holds each agent's prefix-0 cache, built once per (agent, capacity) and never charged.
+    """
+
+    def __init__(self):
+        self._prefix_caches: dict[tuple[int, int], tuple[KVCache, int]] = {}
+
+    def _cached_prefix(self, engine, call: PreparedCall) -> tuple[KVCache, int]:
+        """The agent's prefix 0 in a cache of the call's capacity, and its length ``q0`` (at most ``N - 1``)."""
+        key = (call.agent_id, call.capacity)
+        if key not in self._prefix_caches:
+            q0 = min(call.layout.prefix(0).length, len(call.ids) - 1)
+            cache = prefix_cache(engine.templates.kv(call.agent_id).prefix(0), q0, call.capacity)
+            self._prefix_caches[key] = (sharding.place(jax.block_until_ready(cache), engine.mesh), q0)
+        return self._prefix_caches[key]
+
+    def __call__(self, engine, call: PreparedCall, cache: KVCache, first_token, key) -> dict:
+        runner, ids = engine.runner, call.ids
+        config = runner.model.config
+        dense_first, dense_ms, dense_compile = timed_prefill(
+            runner, ids, 0, lambda: sharding.place(init_cache(config, 1, call.capacity), engine.mesh), key, fresh=True
+        )
+        cached, q0 = self._cached_prefix(engine, call)
+        cached_first, cached_ms, cached_compile = timed_prefill(runner, ids[q0:], q0, lambda: cached, key, fresh=False)
+        floor = reuse_floor(engine, call, cache, key)
+        reuse_first, dense_first, cached_first = (int(t[0]) for t in jax.device_get((first_token, dense_first, cached_first)))
+        return {
+            "dense_ttft_ms": dense_ms,
+            "dense_prefix_cached_ttft_ms": cached_ms,
+            "cached_prefix_tokens": q0,
+            "floor_ms": sum(floor["parts_ms"].values()),
+            "floor_parts_ms": floor["parts_ms"],
+            "floor_bytes": floor["bytes"],
+            "baseline_compile_ms": {"dense": dense_compile, "dense_prefix_cached": cached_compile, "floor": floor["compile_ms"]},
+            "dense_first_token": dense_first,
+            "prefix_cached_first_token": cached_first,
+            "first_token_agrees": reuse_first == dense_first,
+        }
