@@ -1,4 +1,4 @@
-"""The command line: ``python run.py [generate|perplexity|pipeline|bench-ttft] ...``.
+"""The command line: ``python run.py [generate|perplexity|pipeline|bench-ttft|bench-throughput] ...``.
 
 With no arguments it runs the main job: a 4-agent GSM8K pipeline, dense and
 KVCOMM side by side, on the default model, writing ``results/``.
@@ -15,6 +15,7 @@ from kvcomm_jax.agents.pipeline import MODE_CHOICES
 from kvcomm_jax.agents.tasks import TASKS
 from kvcomm_jax.configs import main_job, paper_ttft
 from kvcomm_jax.kvcomm.config import DEFAULT_ANCHOR_CAPACITY, DEFAULT_EVICTION_WINDOW
+from kvcomm_jax.kvcomm.strategies import MODES
 from kvcomm_jax.model.registry import DEFAULT_MODEL
 from pallas_kernels import IMPLS
 
@@ -30,6 +31,20 @@ def _positive(name):
         return value
 
     return parse
+
+
+def _list_of(parse_item):
+    """A comma-separated list, each item parsed by ``parse_item``: ``"1,4,8"`` -> ``(1, 4, 8)``."""
+    def parse(text):
+        return tuple(parse_item(item.strip()) for item in text.split(","))
+
+    return parse
+
+
+def _mode(text):
+    if text not in MODES:
+        raise argparse.ArgumentTypeError(f"unknown mode {text!r} (known: {', '.join(MODES)})")
+    return text
 
 
 def _agents(text):
@@ -106,6 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json")
     b.add_argument("--plot")
     _add_model(b)
+
+    t = sub.add_parser("bench-throughput", help="questions/s of a task pipeline by mode and batch size")
+    t.add_argument("--task", required=True, choices=tuple(TASKS))
+    t.add_argument("--agents", type=_agents, default=4, help="agents including the decision agent")
+    t.add_argument("--limit", type=_positive("--limit"), default=16, help="questions, the same for every combination")
+    t.add_argument("--offset", type=int, default=0)
+    t.add_argument("--batch-sizes", type=_list_of(_positive("--batch-sizes")), default=(1, 4, 8, 16), help="e.g. 1,4,8,16")
+    t.add_argument("--modes", type=_list_of(_mode), default=("dense", "kvcomm"), help=f"e.g. dense,kvcomm (known: {','.join(MODES)})")
+    t.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=128)
+    t.add_argument("--gamma", type=float, default=0.3)
+    t.add_argument("--impl", default="auto", choices=IMPLS)
+    t.add_argument("--json")
+    t.add_argument("--plot")
+    _add_model(t)
     return parser
 
 
@@ -196,13 +225,13 @@ def _pipeline(args):
 
 
 def _bench_ttft(args):
-    from kvcomm_jax.bench.reporting import (
-        check_writable,
-        markdown_table,
-        plot_per_agent,
-        write_json,
+    from kvcomm_jax.bench.reporting import check_writable, write_json
+    from kvcomm_jax.bench.ttft import (
+        TTFTSettings,
+        plot_ttft,
+        run_ttft_benchmark,
+        ttft_table,
     )
-    from kvcomm_jax.bench.ttft import TTFTSettings, run_ttft_benchmark
     from kvcomm_jax.model.registry import load_model
 
     check_writable(args.json, "--json")
@@ -212,31 +241,45 @@ def _bench_ttft(args):
         output_tokens=args.output_tokens, samples=args.samples, gamma=args.gamma, impl=args.impl,
     )
     result = run_ttft_benchmark(load_model(args.model, args.dtype), settings)
-    rows = [
-        [a["agent"], a["prompt_tokens"], f"{a['dense_ttft_ms']:.1f}", f"{a['kvcomm_ttft_ms']:.1f}",
-         f"{a['speedup']:.2f}x", f"{a['breakdown_ms']['matching_offset'] or 0:.1f}", f"{a['breakdown_ms']['assembly'] or 0:.1f}",
-         f"{a['breakdown_ms']['forward'] or 0:.1f}", f"{a['reused_calls']}/{a['calls']}"]
-        for a in result["agents"]
-    ]
-    print(markdown_table(
-        ["agent", "prompt tokens", "dense TTFT ms", "KVCOMM TTFT ms", "speedup", "matching+offset ms", "assembly ms",
-         "1-token forward ms", "reused"],
-        rows,
-    ))
-    print(f"reuse rate (measured requests): {result['reuse_rate'] * 100:.1f}%")
+    print(ttft_table(result))
     if args.json:
         write_json(args.json, result)
         print(f"wrote {args.json}")
     if args.plot:
-        plot_per_agent(
-            args.plot, [f"agent {a['agent']}" for a in result["agents"]],
-            {"dense": [a["dense_ttft_ms"] for a in result["agents"]], "KVCOMM": [a["kvcomm_ttft_ms"] for a in result["agents"]]},
-            "CopyMachine: median TTFT per agent", "TTFT (ms)",
-        )
+        plot_ttft(args.plot, result)
         print(f"wrote {args.plot}")
 
 
-COMMANDS = {"generate": _generate, "perplexity": _perplexity, "pipeline": _pipeline, "bench-ttft": _bench_ttft}
+def _bench_throughput(args):
+    from kvcomm_jax.bench.reporting import check_writable, write_json
+    from kvcomm_jax.bench.throughput import (
+        ThroughputSettings,
+        plot_throughput,
+        run_throughput_benchmark,
+        throughput_table,
+    )
+    from kvcomm_jax.model.registry import load_model
+
+    check_writable(args.json, "--json")
+    check_writable(args.plot, "--plot")
+    settings = ThroughputSettings(
+        task=args.task, agents=args.agents, limit=args.limit, offset=args.offset, batch_sizes=args.batch_sizes,
+        modes=args.modes, max_new_tokens=args.max_new_tokens, gamma=args.gamma, impl=args.impl,
+    )
+    result = run_throughput_benchmark(load_model(args.model, args.dtype), settings)
+    print(throughput_table(result))
+    if args.json:
+        write_json(args.json, result)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_throughput(args.plot, result)
+        print(f"wrote {args.plot}")
+
+
+COMMANDS = {
+    "generate": _generate, "perplexity": _perplexity, "pipeline": _pipeline, "bench-ttft": _bench_ttft,
+    "bench-throughput": _bench_throughput,
+}
 
 
 def main(argv=None) -> int:

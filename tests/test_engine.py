@@ -206,7 +206,7 @@ def test_bad_input_gives_clear_errors():
     with pytest.raises(ValueError, match="there is no agent 3"):
         KVCommEngine(model, [AgentPrompt(0, "s", "{user_question} {agent_3_current}")])
     with pytest.raises(ValueError, match="unknown mode"):
-        EngineConfig(mode="fast")
+        KVCommEngine(model, PROMPTS, EngineConfig(mode="fast"))
     engine = KVCommEngine(model, PROMPTS, EngineConfig(max_new_tokens=4))
     request = engine.new_request(QUESTIONS[0])
     with pytest.raises(ValueError, match=r"\{condition_0_current\} is referenced by no agent"):

@@ -3,8 +3,8 @@
 import jax
 import numpy as np
 
-from kvcomm_jax.bench.fidelity import kv_fidelity
 from kvcomm_jax.kvcomm.engine import EngineConfig, KVCommEngine
+from kvcomm_jax.kvcomm.probes import kv_fidelity
 from kvcomm_jax.scale.sharding import make_mesh
 from kvcomm_jax.testing import tiny_loaded_model
 from tests.test_engine import PROMPTS, QUESTIONS, SHORT_QUESTIONS

@@ -17,9 +17,9 @@ from tqdm import tqdm
 
 from kvcomm_jax.agents.graphs import AgentGraph
 from kvcomm_jax.agents.tasks import Example, Task
-from kvcomm_jax.bench.fidelity import kv_fidelity
 from kvcomm_jax.kvcomm.engine import MODES, EngineConfig, KVCommEngine
 from kvcomm_jax.kvcomm.persistence import load_pools, model_fingerprint, save_pools
+from kvcomm_jax.kvcomm.probes import kv_fidelity
 from kvcomm_jax.kvcomm.records import (
     CallRecord,
     reuse_rate,
@@ -125,7 +125,7 @@ def run_pipeline(
 
     ``batch_size``: questions run together, each agent's calls for them as one batched step
     (see :meth:`~kvcomm_jax.kvcomm.engine.KVCommEngine.run_agents`).
-    ``measure_fidelity``: run :func:`~kvcomm_jax.bench.fidelity.kv_fidelity` on every reuse call
+    ``measure_fidelity``: run :func:`~kvcomm_jax.kvcomm.probes.kv_fidelity` on every reuse call
     (a dense prefill of the same prompt, outside the call's TTFT).
     ``load_pool`` / ``save_pool``: a folder holding one anchor-pool checkpoint per
     non-dense mode (``<folder>/<mode>``), restored before the first question and saved

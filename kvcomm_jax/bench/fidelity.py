@@ -1,58 +1,16 @@
 """Fidelity of reused caches: per-layer relative KV error against dense, KVCOMM vs rotation only.
 
-:func:`kv_fidelity` is an engine probe (see :class:`~kvcomm_jax.kvcomm.engine.KVCommEngine`):
-on every reuse call it prefills the identical prompt densely, outside the call's
-TTFT, and compares the reuse cache, and the same cache without offsets, with it.
-:func:`aggregate` and the table/plot below summarize those measurements.
+Summarizes what the :func:`~kvcomm_jax.kvcomm.probes.kv_fidelity` engine probe records on
+reuse calls: :func:`aggregate`, a table and a plot.
 """
 
 from __future__ import annotations
 
 from typing import Iterable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from kvcomm_jax.bench.reporting import markdown_table
-from kvcomm_jax.kvcomm.strategies import RotateOnly
-from kvcomm_jax.model.kv_cache import KVCache
-
-
-@jax.jit
-def layer_relative_errors(a: KVCache, b: KVCache, n):
-    """Per-layer ``||a - b||_F / ||b||_F`` over the first ``n`` slots of row 0, keys and values: ``([L], [L])``."""
-    S = min(a.capacity, b.capacity)
-    mask = (jnp.arange(S) < n)[None, None, :, None]  # [1, 1, S, 1]
-
-    def err(x, y):
-        x, y = x[:, 0, :, :S].astype(jnp.float32), y[:, 0, :, :S].astype(jnp.float32)  # [L, H, S, D]
-        num = jnp.sqrt(jnp.sum(jnp.where(mask, jnp.square(x - y), 0.0), axis=(1, 2, 3)))
-        den = jnp.sqrt(jnp.sum(jnp.where(mask, jnp.square(y), 0.0), axis=(1, 2, 3)))
-        return num / jnp.maximum(den, 1e-30)
-
-    return err(a.keys, b.keys), err(a.values, b.values)
-
-
-def kv_fidelity(engine, call, reuse_cache: KVCache, reuse_first, key) -> dict:
-    """Engine probe: per-layer relative KV error of the reuse cache vs a dense prefill of the same prompt.
-
-    Also reports the same cache without offsets (rotation only), first-token agreement
-    with dense, and the dense prefill's warm TTFT on the identical prompt.
-    """
-    dense_first, dense_cache, dense_ms, _ = engine.runner.prefill([call.ids], call.capacity, key)
-    n = len(call.ids) - 1
-    k_err, v_err = layer_relative_errors(reuse_cache, dense_cache, n)
-    k_rot, v_rot = layer_relative_errors(engine.reuse_cache(call, RotateOnly()), dense_cache, n)
-    return {
-        "key_error": np.asarray(k_err).tolist(),
-        "value_error": np.asarray(v_err).tolist(),
-        "rotate_only_key_error": np.asarray(k_rot).tolist(),
-        "rotate_only_value_error": np.asarray(v_rot).tolist(),
-        "first_token_agrees": bool(int(dense_first[0]) == int(reuse_first[0])),
-        "dense_first_token": int(dense_first[0]),
-        "dense_ttft_ms": dense_ms,
-    }
 
 _SERIES = {
     "kvcomm_key": "key_error",

@@ -10,7 +10,7 @@ each call's path and builds its cache. All state is on the instance: two engines
 never share anything. A request is one task instance; its agents run in
 topological order with :meth:`KVCommEngine.run_agent`.
 
-Probes (e.g. :func:`kvcomm_jax.bench.fidelity.kv_fidelity`) are called on every
+Probes (e.g. :func:`kvcomm_jax.kvcomm.probes.kv_fidelity`) are called on every
 reuse call with ``(engine, call, cache, first_token, key)``, outside the call's
 TTFT; the dicts they return are merged into the call record's ``fidelity``.
 """
@@ -26,12 +26,12 @@ import jax.numpy as jnp
 
 from kvcomm_jax.kvcomm.anchor_pool import AnchorPool
 from kvcomm_jax.kvcomm.anchor_store import AnchorStore
-from kvcomm_jax.kvcomm.config import MODES, EngineConfig
+from kvcomm_jax.kvcomm.config import EngineConfig
 from kvcomm_jax.kvcomm.layout import Span
 from kvcomm_jax.kvcomm.records import CallRecord
 from kvcomm_jax.kvcomm.request import Content, PreparedCall, Request
 from kvcomm_jax.kvcomm.runner import ModelRunner
-from kvcomm_jax.kvcomm.strategies import STRATEGIES, ReuseContext
+from kvcomm_jax.kvcomm.strategies import MODES, STRATEGIES, ReuseContext
 from kvcomm_jax.kvcomm.template_store import TemplateStore
 from kvcomm_jax.kvcomm.templates import (
     QUESTION,
@@ -80,6 +80,8 @@ class KVCommEngine:
         ids = [p.agent_id for p in prompts]
         if len(set(ids)) != len(ids):
             raise ValueError(f"agent ids must be unique, got {ids}")
+        if config.mode not in STRATEGIES:
+            raise ValueError(f"unknown mode {config.mode!r} (known: {', '.join(MODES)})")
         self.mesh = sharding.single_device_mesh() if mesh is None else mesh
         if config.impl == "auto" and self.mesh.size > 1:
             config = dataclasses.replace(config, impl="reference")

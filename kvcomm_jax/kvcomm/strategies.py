@@ -153,3 +153,4 @@ class RotateOnly(KVComm):
 
 
 STRATEGIES = {cls.name: cls for cls in (Dense, KVComm, RotateOnly)}
+MODES = tuple(STRATEGIES)
