@@ -1,0 +1,123 @@
+"""Batched agent steps: B requests in one step give what the same requests give one by one."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvcomm_jax.kvcomm.engine import EngineConfig, KVCommEngine
+from kvcomm_jax.model.generation import prefill
+from kvcomm_jax.model.registry import load_model
+from kvcomm_jax.testing import tiny_loaded_model
+from tests.test_engine import PROMPTS, QUESTIONS, SHORT_QUESTIONS
+
+# 15, 15 and 14 tokens with the tiny tokenizer: one length bucket, and the warm pools hold two
+# anchors long enough for each
+NEW_QUESTIONS = (
+    "Tom has 3 pens and buys 2 more. How many pens?",
+    "Sara had 8 candies and ate 3. How many are left?",
+    "Ann has 5 pens and loses 2. How many remain?",
+)
+
+
+def _relative(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def _warm(engine, questions):
+    for question in questions:
+        request = engine.new_request(question)
+        for agent in (0, 1):
+            engine.run_agent(request, agent)
+
+
+def _first_logits(engine, prompts, cache):
+    """Logits of each row's last prompt token over ``cache`` (which holds all but that token): ``[B, V]``."""
+    tokens = jnp.asarray([[ids[-1]] for ids in prompts], jnp.int32)
+    positions = jnp.asarray([[len(ids) - 1] for ids in prompts], jnp.int32)
+    _, logits, _ = prefill(
+        engine.model.params, tokens, positions, jnp.ones((len(prompts),), jnp.int32), cache, jax.random.PRNGKey(0),
+        engine.model.config, engine.config.sampling,
+    )
+    return logits
+
+
+def test_batched_dense_prefill_logits_equal_one_by_one():
+    engine = KVCommEngine(tiny_loaded_model(), PROMPTS, EngineConfig(mode="dense", max_new_tokens=4))
+    prompts = [engine.model.tokenizer.encode(q) for q in QUESTIONS[:3]]  # 18, 20 and 17 tokens
+    capacity = 64
+    _, batched, _, _ = engine.runner.prefill(prompts, capacity, jax.random.PRNGKey(0))
+    for row, ids in enumerate(prompts):
+        _, alone, _, _ = engine.runner.prefill([ids], capacity, jax.random.PRNGKey(0))
+        n = len(ids)
+        assert _relative(batched.keys[:, row, :, :n], alone.keys[:, 0, :, :n]) < 1e-5
+        assert _relative(batched.values[:, row, :, :n], alone.values[:, 0, :, :n]) < 1e-5
+    # the last token's logits over a batch of caches holding the rest, against each row alone
+    _, cache, _, _ = engine.runner.prefill([ids[:-1] for ids in prompts], capacity, jax.random.PRNGKey(0))
+    batched_logits = _first_logits(engine, prompts, cache)  # [3, V]
+    for row, ids in enumerate(prompts):
+        _, alone, _, _ = engine.runner.prefill([ids[:-1]], capacity, jax.random.PRNGKey(0))
+        assert _relative(batched_logits[row], _first_logits(engine, [ids], alone)[0]) < 1e-5
+
+
+def test_batched_reuse_cache_and_logits_equal_one_by_one():
+    engine = KVCommEngine(tiny_loaded_model(), PROMPTS, EngineConfig(max_new_tokens=8, gamma=10.0))
+    _warm(engine, QUESTIONS[:3])
+    requests = [engine.new_request(q) for q in SHORT_QUESTIONS]
+    engine.run_agents(requests, 0)
+    calls = [engine.prepare_call(r, 1) for r in requests]
+    assert all(engine.strategy.decide(engine.context, c).reuse for c in calls)
+    capacity = max(c.capacity for c in calls)
+    batched = engine.strategy.build_cache(engine.context, calls, capacity).cache
+    batched_logits = _first_logits(engine, [c.ids for c in calls], batched)
+    for row, call in enumerate(calls):
+        alone = engine.strategy.build_cache(engine.context, [call], capacity).cache
+        n = len(call.ids) - 1
+        assert _relative(batched.keys[:, row, :, :n], alone.keys[:, 0, :, :n]) < 1e-5
+        assert _relative(batched.values[:, row, :, :n], alone.values[:, 0, :, :n]) < 1e-5
+        assert _relative(batched_logits[row], _first_logits(engine, [call.ids], alone)[0]) < 1e-5
+
+
+def test_batched_step_takes_the_same_paths_and_responses_when_pools_agree():
+    """Two engines with identical pools: one runs three requests one by one, the other as one batch.
+
+    With gamma high every content is shareable, so no prediction depends on an update made
+    inside the step: the pool snapshots agree and so must the paths and greedy responses.
+    """
+    model = tiny_loaded_model()
+    config = EngineConfig(max_new_tokens=6, gamma=10.0)
+    single, batched = KVCommEngine(model, PROMPTS, config), KVCommEngine(model, PROMPTS, config)
+    for engine in (single, batched):
+        _warm(engine, QUESTIONS[:3])
+    one_by_one = []
+    for question in NEW_QUESTIONS:
+        request = single.new_request(question)
+        one_by_one.append([single.run_agent(request, agent) for agent in (0, 1)])
+    requests = [batched.new_request(q) for q in NEW_QUESTIONS]
+    together = list(zip(*[batched.run_agents(requests, agent) for agent in (0, 1)]))
+    paths = [[r.path for r in records] for records in one_by_one]
+    assert paths == [[r.path for r in records] for records in together]
+    assert "reuse" in sum(paths, [])
+    assert [[r.response_ids for r in x] for x in one_by_one] == [[r.response_ids for r in x] for x in together]
+
+
+def test_run_agents_rejects_an_empty_batch():
+    engine = KVCommEngine(tiny_loaded_model(), PROMPTS, EngineConfig(max_new_tokens=4))
+    with pytest.raises(ValueError, match="at least one request"):
+        engine.run_agents([], 0)
+
+
+@pytest.mark.real_model
+def test_dense_responses_in_a_batch_equal_one_by_one_on_the_real_model():
+    model = load_model()
+    config = EngineConfig(mode="dense", max_new_tokens=16)
+    single, batched = KVCommEngine(model, PROMPTS, config), KVCommEngine(model, PROMPTS, config)
+    questions = QUESTIONS
+    alone = []
+    for question in questions:
+        request = single.new_request(question)
+        alone.append([single.run_agent(request, agent).response_ids for agent in (0, 1)])
+    requests = [batched.new_request(q) for q in questions]
+    together = list(zip(*[[r.response_ids for r in batched.run_agents(requests, agent)] for agent in (0, 1)]))
+    assert [list(x) for x in together] == alone
