@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kvcomm_jax.compile_counter import CompileCounter
 from kvcomm_jax.kvcomm.engine import EngineConfig, KVCommEngine
 from kvcomm_jax.model.generation import prefill
 from kvcomm_jax.model.registry import load_model
@@ -33,7 +34,11 @@ def _warm(engine, questions):
 
 
 def _first_logits(engine, prompts, cache):
-    """Logits of each row's last prompt token over ``cache`` (which holds all but that token): ``[B, V]``."""
+    """Logits of each row's last prompt token over ``cache`` (which holds all but that token): ``[B, V]``.
+
+    ``prefill`` donates its cache, so it runs on a copy and ``cache`` stays usable.
+    """
+    cache = jax.tree.map(jnp.copy, cache)
     tokens = jnp.asarray([[ids[-1]] for ids in prompts], jnp.int32)
     positions = jnp.asarray([[len(ids) - 1] for ids in prompts], jnp.int32)
     _, logits, _ = prefill(
@@ -121,3 +126,25 @@ def test_dense_responses_in_a_batch_equal_one_by_one_on_the_real_model():
     requests = [batched.new_request(q) for q in questions]
     together = list(zip(*[[r.response_ids for r in batched.run_agents(requests, agent)] for agent in (0, 1)]))
     assert [list(x) for x in together] == alone
+
+
+def _questions(first: int, count: int) -> list[str]:
+    """``count`` questions of one shape (17-20 tokens with the tiny tokenizer), numbers from ``first`` on."""
+    names = ("Tom", "Sara", "Ann", "Ben", "Mia")
+    return [
+        f"{names[i % 5]} has {first + i} apples and buys {i % 7 + 2} more. How many apples does {names[i % 5]} have?"
+        for i in range(count)
+    ]
+
+
+def test_a_warm_engine_compiles_nothing_in_steady_state():
+    """After 20 questions have filled the pools (all V slots are allocated up front), 20 new questions of the
+    same length buckets run without a single compilation."""
+    engine = KVCommEngine(tiny_loaded_model(), PROMPTS, EngineConfig(max_new_tokens=4, gamma=10.0, anchor_capacity=6))
+    _warm(engine, _questions(10, 20))
+    with CompileCounter() as counter:
+        records = [engine.run_agent(engine.new_request(q), agent) for q in _questions(40, 20) for agent in (0,)]
+    assert counter.count == 0
+    assert all(r.compile_ms == 0.0 for r in records)
+    assert sum(r.path == "reuse" for r in records) >= 10  # the steady state reuses
+    assert all(pool.slots == 6 for pool in engine.pools.values())

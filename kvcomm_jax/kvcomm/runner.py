@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from kvcomm_jax.kvcomm.config import EngineConfig
 from kvcomm_jax.kvcomm.layout import Span
 from kvcomm_jax.kvcomm.segments import SegmentKV, extract_segment
-from kvcomm_jax.kvcomm.timing import timed
+from kvcomm_jax.kvcomm.timing import timed, timed_donating
 from kvcomm_jax.model.buckets import bucket_length
 from kvcomm_jax.model.generation import decode, pad_prompts, prefill
 from kvcomm_jax.model.kv_cache import KVCache, init_cache
@@ -41,6 +41,7 @@ class ModelRunner:
         params = sharding.place(model.params, mesh, sharding.params_shardings(model.config, mesh))
         self.model = dataclasses.replace(model, params=params)
         self.rope = sharding.place(jnp.asarray(rope_tables(model.config)), mesh)  # [L, D/2]
+        self._warm: set = set()  # signatures of donating steps already compiled (see timed_donating)
         stop = [] if config.ignore_eos else sorted(model.tokenizer.eos_ids)
         self.stop_ids = sharding.place(jnp.asarray(stop or [-1], jnp.int32), mesh)  # [K]
 
@@ -72,12 +73,16 @@ class ModelRunner:
     def forward_last_tokens(self, prompts: Sequence[Sequence[int]], cache: KVCache, key):
         """The reuse call's model step: each prompt's last token over its row of ``cache`` (which holds the others).
 
-        Returns ``(first_tokens [B], cache, ms, compile_ms)``.
+        ``cache`` is donated (its buffers become the returned cache's). Returns
+        ``(first_tokens [B], cache, ms, compile_ms)``.
         """
         tokens = jnp.asarray([[ids[-1]] for ids in prompts], jnp.int32)  # [B, 1]
         positions = jnp.asarray([[len(ids) - 1] for ids in prompts], jnp.int32)  # [B, 1]
         num_new = jnp.ones((len(prompts),), jnp.int32)
-        (first, _, cache), ms, compile_ms = timed(lambda: self._forward(tokens, positions, num_new, cache, key, fresh=False))
+        signature = (tokens.shape, cache.keys.shape, str(cache.keys.dtype))
+        (first, _, cache), ms, compile_ms = timed_donating(
+            lambda c: self._forward(tokens, positions, num_new, c, key, fresh=False), cache, signature, self._warm
+        )
         return first, cache, ms, compile_ms
 
     def decode(self, first, prompt_lengths: Sequence[int], cache: KVCache, key) -> tuple[list[list[int]], KVCache]:
