@@ -51,8 +51,14 @@ def write_json(path: str, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def _fmt(value, spec: str = ".1f") -> str:
+def fmt(value, spec: str = ".1f") -> str:
+    """``value`` formatted by ``spec``, or "-" for None."""
     return "-" if value is None else format(value, spec)
+
+
+def fmt_ratio(value) -> str:
+    """A speedup or ratio as "1.23x", or "-" for None."""
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
@@ -67,9 +73,9 @@ def pipeline_table(summary: dict) -> str:
     for mode, m in summary["modes"].items():
         t = m["ttft_ms"]
         rows.append([
-            mode, _fmt(m["accuracy"] * 100 if m["accuracy"] is not None else None), _fmt(m["reuse_rate"] * 100),
-            _fmt(m["token_reuse_rate"] * 100), _fmt(t["mean"]), _fmt(t["median"]),
-            " / ".join(_fmt(v, ".0f") for v in t["per_agent"]),
+            mode, fmt(m["accuracy"] * 100 if m["accuracy"] is not None else None), fmt(m["reuse_rate"] * 100),
+            fmt(m["token_reuse_rate"] * 100), fmt(t["mean"]), fmt(t["median"]),
+            " / ".join(fmt(v, ".0f") for v in t["per_agent"]),
         ])
     table = markdown_table(
         ["mode", "accuracy %", "reuse % (calls)", "reuse % (tokens)", "TTFT mean ms", "TTFT median ms", "median TTFT per agent ms"],
@@ -77,8 +83,8 @@ def pipeline_table(summary: dict) -> str:
     )
     for mode, a in summary["agreement"].items():
         table += (
-            f"\n\n{mode} vs dense: final answer agreement {_fmt(a['final_answer'] and a['final_answer'] * 100)}%, "
-            f"first-token agreement on reuse calls {_fmt(a['first_token'] and a['first_token'] * 100)}% "
+            f"\n\n{mode} vs dense: final answer agreement {fmt(a['final_answer'] and a['final_answer'] * 100)}%, "
+            f"first-token agreement on reuse calls {fmt(a['first_token'] and a['first_token'] * 100)}% "
             f"({a['first_token_calls']} calls)"
         )
     return table
@@ -96,7 +102,7 @@ def plot_per_agent(path: str, labels: Sequence[str], series: dict[str, Sequence[
     for i, (name, values) in enumerate(series.items()):
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
         bars = ax.bar(xs, [v or 0.0 for v in values], width, label=name)
-        ax.bar_label(bars, labels=[_fmt(v, ".0f") for v in values], fontsize=7, padding=2)
+        ax.bar_label(bars, labels=[fmt(v, ".0f") for v in values], fontsize=7, padding=2)
     ax.set_xticks(range(len(labels)), labels)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -117,7 +123,7 @@ def plot_lines(path: str, series: dict[str, tuple[Sequence[float], Sequence[floa
     for name, (xs, ys) in series.items():
         ax.plot(xs, ys, "-o", label=name)
         for x, y in zip(xs, ys):
-            ax.annotate(_fmt(y, ".2f"), (x, y), textcoords="offset points", xytext=(0, 5), ha="center", fontsize=7)
+            ax.annotate(fmt(y, ".2f"), (x, y), textcoords="offset points", xytext=(0, 5), ha="center", fontsize=7)
     ax.set_xticks(sorted({x for xs, _ in series.values() for x in xs}))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

@@ -25,9 +25,9 @@ from typing import Sequence
 from kvcomm_jax.agents.graphs import make_graph
 from kvcomm_jax.agents.pipeline import run_pipeline
 from kvcomm_jax.agents.tasks import TASKS, Example, Task, get_task
-from kvcomm_jax.bench.reporting import markdown_table, plot_lines, run_info
+from kvcomm_jax.bench.reporting import fmt_ratio, markdown_table, plot_lines, run_info
 from kvcomm_jax.compile_counter import CompileCounter
-from kvcomm_jax.kvcomm.config import MODES, EngineConfig
+from kvcomm_jax.kvcomm.engine import MODES, EngineConfig
 from kvcomm_jax.model.registry import LoadedModel
 
 
@@ -150,7 +150,7 @@ def throughput_table(result: dict) -> str:
     rows = [
         [
             r["mode"], r["batch_size"], r["questions"], f"{r['wall_s']:.1f}", f"{r['questions_per_s']:.3f}",
-            f"{r['generated_tokens_per_s']:.1f}", f"{result['speedup_over_batch_size'][r['mode']][str(r['batch_size'])]:.2f}x",
+            f"{r['generated_tokens_per_s']:.1f}", fmt_ratio(result["speedup_over_batch_size"][r["mode"]][str(r["batch_size"])]),
             f"{r['reuse_rate'] * 100:.1f}", f"{r['compile_s']:.1f}", r["timed_compiles"],
         ]
         for r in result["runs"]

@@ -30,7 +30,13 @@ from typing import Sequence
 from tqdm import tqdm
 
 from kvcomm_jax.bench.baselines import BaselineProbe
-from kvcomm_jax.bench.reporting import run_info
+from kvcomm_jax.bench.reporting import (
+    fmt,
+    fmt_ratio,
+    markdown_table,
+    plot_per_agent,
+    run_info,
+)
 from kvcomm_jax.kvcomm.engine import EngineConfig, KVCommEngine
 from kvcomm_jax.kvcomm.records import CallRecord, reuse_rate
 from kvcomm_jax.kvcomm.templates import AgentPrompt, field, response_placeholder
@@ -109,6 +115,10 @@ def _median(values):
     return statistics.median(values) if values else None
 
 
+def _mean(values):
+    return statistics.fmean(values) if values else None
+
+
 def _ratio(a, b):
     return a / b if a and b else None
 
@@ -125,7 +135,8 @@ def _compile_ms(records: Sequence[CallRecord]) -> dict:
 def agent_summary(agent: int, measured: Sequence[CallRecord], all_calls: Sequence[CallRecord]) -> dict:
     """Medians over one agent's measured calls; baselines and floor over its reuse calls (those the probe saw).
 
-    ``all_calls`` (warm-up included) only feed the compile times.
+    First-token agreements (KVCOMM vs dense, prefix-cached vs dense) are fractions of those
+    calls. ``all_calls`` (warm-up included) only feed the compile times.
     """
     reused = [r for r in measured if r.fidelity is not None]
     probe = [r.fidelity for r in reused]
@@ -150,8 +161,8 @@ def agent_summary(agent: int, measured: Sequence[CallRecord], all_calls: Sequenc
         "kvcomm_over_floor": _ratio(kvcomm, floor),
         "reused_calls": len(reused),
         "calls": len(measured),
-        "first_token_agreement": _median([float(p["first_token_agrees"]) for p in probe]),
-        "prefix_cached_first_token_agreement": _median(
+        "first_token_agreement": _mean([float(p["first_token_agrees"]) for p in probe]),
+        "prefix_cached_first_token_agreement": _mean(
             [float(p["prefix_cached_first_token"] == p["dense_first_token"]) for p in probe]
         ),
         "compile_ms": _compile_ms([r for r in all_calls if r.agent_id == agent]),
@@ -215,3 +226,39 @@ def run_ttft_benchmark(model: LoadedModel, settings: TTFTSettings, progress: boo
         "model": model.source,
         **run_info(),
     }
+
+
+def ttft_table(result: dict) -> str:
+    """The per-agent table (times in ms, medians), then the request line and the reuse rate."""
+    rows = [
+        [a["agent"], a["prompt_tokens"], fmt(a["dense_ttft_ms"]), fmt(a["dense_prefix_cached_ttft_ms"]),
+         fmt(a["kvcomm_ttft_ms"]), fmt(a["floor_ms"]), fmt_ratio(a["speedup_vs_dense"]),
+         fmt_ratio(a["speedup_vs_prefix_cached"]), fmt_ratio(a["kvcomm_over_floor"]),
+         *(fmt(a["breakdown_ms"][part]) for part in BREAKDOWN), fmt(a["others_ms"]),
+         f"{fmt(a['floor_parts_ms']['forward'])} + {fmt(a['floor_parts_ms']['read'])}", f"{a['reused_calls']}/{a['calls']}"]
+        for a in result["agents"]
+    ]
+    table = markdown_table(
+        ["agent", "prompt tokens", "dense ms", "prefix-cached dense ms", "KVCOMM ms", "floor ms", "vs dense",
+         "vs prefix-cached", "KVCOMM / floor", "matching+offset ms", "assembly ms", "1-token forward ms", "others ms",
+         "floor: forward + read ms", "reused"],
+        rows,
+    )
+    request, speedup = result["request_ms"], result["request_speedup"]
+    return (
+        f"{table}\n\nper request (sum over agents, median of {result['requests_in_totals']}): "
+        f"dense {fmt(request['dense'])} ms, prefix-cached dense {fmt(request['dense_prefix_cached'])} ms, "
+        f"KVCOMM with others {fmt(request['kvcomm'])} ms; speedup {fmt_ratio(speedup['vs_dense'])} vs dense, "
+        f"{fmt_ratio(speedup['vs_prefix_cached'])} vs prefix-cached dense\n"
+        f"reuse rate (measured requests): {result['reuse_rate'] * 100:.1f}%"
+    )
+
+
+def plot_ttft(path: str, result: dict) -> None:
+    """Median TTFT per agent: dense, prefix-cached dense, KVCOMM and the floor."""
+    series = {"dense": "dense_ttft_ms", "prefix-cached dense": "dense_prefix_cached_ttft_ms", "KVCOMM": "kvcomm_ttft_ms", "floor": "floor_ms"}
+    plot_per_agent(
+        path, [f"agent {a['agent']}" for a in result["agents"]],
+        {name: [a[key] for a in result["agents"]] for name, key in series.items()},
+        "CopyMachine: median TTFT per agent", "TTFT (ms)",
+    )

@@ -53,16 +53,18 @@ class AnchorStore:
         return self.pools[name]
 
     def pool(self, name: str, length: int) -> AnchorPool:
-        """The pool of ``name``, created or with its token axis grown to hold ``length`` tokens.
+        """The pool of ``name``, created (two slots) or with its token axis grown to hold ``length`` tokens.
 
-        A new pool has all ``capacity`` slots allocated at once, so its shapes, and the
-        programs compiled for them, do not change as anchors arrive; only a content longer
-        than every earlier one grows the token axis (to its length bucket).
+        The slot axis starts at two and doubles as anchors arrive, up to ``capacity``: the
+        correction's work follows the anchors held (every slot is read, usable or not), at
+        the price of one new program per growth (at most ``log2(capacity)`` in a pool's
+        life). A full pool, and a content no longer than every earlier one, change no shape.
         """
         c = self.config
         if name not in self.pools:
             tokens = bucket_length(length, what=f"placeholder {{{name}}} content")
-            pool = empty_pool(self.capacity, c.num_layers, c.num_kv_heads, c.head_dim, tokens, c.jnp_dtype)
+            slots = min(2, self.capacity)
+            pool = empty_pool(self.capacity, c.num_layers, c.num_kv_heads, c.head_dim, tokens, c.jnp_dtype, slots=slots)
             return self._set(name, pool)
         if length > self.pools[name].token_capacity:
             return self._set(name, ensure_token_capacity(self.pools[name], length))
