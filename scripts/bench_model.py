@@ -1,6 +1,6 @@
 """Prefill and decode speed of a model on this machine, printed as a markdown table.
 
-For each prompt length N (64, 256, 1024; 2048 with ``--long``) a prompt of exactly N
+For each prompt length N (64, 256, 1024; 2048 and 3072 with ``--long``) a prompt of exactly N
 tokens is prefilled (TTFT: until the first token is ready) and then decoded greedily for
 ``--new-tokens`` steps that never stop early. One warm-up run per length compiles the
 programs; its compilations are counted per phase with ``CompileCounter`` and excluded
@@ -30,7 +30,7 @@ from kvcomm_jax.model.registry import DEFAULT_MODEL, LoadedModel, load_model
 from kvcomm_jax.model.sampling import SamplingConfig
 
 GREEDY = SamplingConfig()
-PROMPT_LENGTHS, LONG_PROMPT_LENGTHS = (64, 256, 1024), (2048,)
+PROMPT_LENGTHS, LONG_PROMPT_LENGTHS = (64, 256, 1024), (2048, 3072)
 PASSAGE = (
     "The history of the printing press begins in the fifteenth century, when movable metal type made it possible "
     "to reproduce books quickly and cheaply. Within a few decades printers had set up shops across Europe, and the "
@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--long", action="store_true", help="also a 2048-token prompt")
+    parser.add_argument("--long", action="store_true", help="also 2048- and 3072-token prompts")
     args = parser.parse_args()
 
     model = load_model(args.model, args.dtype)

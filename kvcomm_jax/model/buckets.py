@@ -1,8 +1,15 @@
-"""Length buckets: pad variable lengths to a few static sizes so new inputs do not recompile."""
+"""Length buckets: pad variable lengths to a few static sizes so new inputs do not recompile.
+
+Powers of two up to 512, then every multiple of 256 up to 8192 (512, 768, 1024, 1280, ...),
+36 buckets in all: above 512 a length pads by fewer than 256 tokens, so long prompts and
+long caches waste little prefill and decode work. Every bucket is a multiple of 16, and
+every one from 256 up a multiple of 256, the attention's query block
+(``kvcomm_jax.model.attention.Q_BLOCK``).
+"""
 
 from __future__ import annotations
 
-DEFAULT_BUCKETS: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
+DEFAULT_BUCKETS: tuple[int, ...] = (16, 32, 64, 128, 256, *range(512, 8192 + 1, 256))
 
 
 def bucket_length(n: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS, what: str = "sequence") -> int:

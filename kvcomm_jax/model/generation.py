@@ -4,6 +4,9 @@
 token; ``decode`` runs the rest of generation as one ``lax.while_loop``. Every
 response token that ``decode`` returns has been fed through the model, so the
 returned cache holds the KV of the prompt and of the whole response.
+
+Both donate their ``cache`` argument: each step writes its new slots into the
+input's buffers in place instead of copying the whole ``[L, B, H, S, D]`` cache.
 """
 
 from __future__ import annotations
@@ -24,20 +27,22 @@ from kvcomm_jax.model.sampling import SamplingConfig, sample_next
 from kvcomm_jax.model.transformer import Transformer, forward_last
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampling", "fresh"))
+@functools.partial(jax.jit, static_argnames=("config", "sampling", "fresh"), donate_argnames=("cache",))
 def prefill(
     params, tokens, positions, num_new, cache: KVCache, key, config: ModelConfig, sampling: SamplingConfig, fresh: bool = False
 ):
     """Run ``tokens [B, T]`` (``num_new [B]`` valid per row) and sample the next token.
 
     ``fresh``: the cache is empty (see :func:`kvcomm_jax.model.transformer.forward`).
+    ``cache`` is donated: its buffers become the returned cache's, so the caller must not
+    use the cache it passed in again.
     Returns ``(first_token [B] int32, last_logits [B, V] float32, cache)``.
     """
     logits, cache = forward_last(params, tokens, positions, cache, config, num_new, fresh)
     return sample_next(logits, key, sampling), logits, cache
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampling", "max_new_tokens"))
+@functools.partial(jax.jit, static_argnames=("config", "sampling", "max_new_tokens"), donate_argnames=("cache",))
 def decode(params, first_token, first_position, cache: KVCache, stop_ids, key, config, sampling, max_new_tokens):
     """Generate up to ``max_new_tokens`` tokens starting from ``first_token [B]`` at ``first_position [B]``.
 
@@ -47,7 +52,7 @@ def decode(params, first_token, first_position, cache: KVCache, stop_ids, key, c
 
     Returns ``(tokens [B, N] int32, num_tokens [B] int32, cache)``: row ``b``'s
     response is ``tokens[b, :num_tokens[b]]`` and its KV occupies the cache
-    slots right after the prompt.
+    slots right after the prompt. ``cache`` is donated (see :func:`prefill`).
     """
     B, N = first_token.shape[0], max_new_tokens
     model = Transformer(config)

@@ -10,11 +10,13 @@ run with ``nn.scan`` (no Python loop over layers).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kvcomm_jax.model.attention import ReadBlock, blocked_attention, cache_source
 from kvcomm_jax.model.config import ModelConfig
 from kvcomm_jax.model.kv_cache import KVCache
 from kvcomm_jax.model.rope import apply_rope, rope_tables
@@ -31,25 +33,57 @@ class RMSNorm(nn.Module):
         return (normed * scale.astype(jnp.float32)).astype(x.dtype)
 
 
-def _write_rows(cache_layer, new, starts):
-    """Write ``new [B, H, T, D]`` into ``cache_layer [B, H, S, D]`` at slot ``starts[b]`` of each row."""
-    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n, s, axis=1))(cache_layer, new, starts)
+def _write_rows(cache, new, starts):
+    """Write ``new [L, B, H, T, D]`` into ``cache [L, B, H, S, D]`` at slot ``starts[b]`` of each row.
+
+    One in-place ``dynamic_update_slice`` per row (``B`` is static and small).
+    """
+    for b in range(new.shape[1]):
+        cache = jax.lax.dynamic_update_slice(cache, new[:, b : b + 1], (0, b, 0, starts[b], 0))
+    return cache
+
+
+def _layer_reader(keys, values, layer) -> ReadBlock:
+    """A block reader over layer ``layer`` of ``keys, values [L, B, H, S, D]``, sliced straight from the stack."""
+
+    def read(start, size):
+        _, B, H, _, D = keys.shape
+        return tuple(jax.lax.dynamic_slice(a, (layer, 0, 0, start, 0), (1, B, H, size, D))[0] for a in (keys, values))
+
+    return read
+
+
+class Slots(NamedTuple):
+    """Where the new tokens go; the same for every layer.
+
+    positions: ``[B, T]`` RoPE positions of the tokens
+    starts:    ``[B]`` first slot written in each row (the cache lengths before the call)
+    num_new:   ``[B]`` valid tokens per row
+    """
+
+    positions: jax.Array
+    starts: jax.Array
+    num_new: jax.Array
 
 
 class Attention(nn.Module):
-    """Grouped-query attention that writes its new keys/values into the layer's cache.
+    """Grouped-query attention over the cache and the new tokens; returns the new keys/values.
 
-    ``fresh``: the cache holds nothing yet (a prefill from scratch), so the tokens attend
-    to their own keys only (``[T, T]`` scores) instead of to all ``S`` slots.
+    ``fresh``: the cache holds nothing yet (a prefill from scratch), so it is not read at
+    all. Attention is :func:`~kvcomm_jax.model.attention.blocked_attention`: key blocks past
+    each query block's causal diagonal and cache slots past the longest row are never read.
+    The cache is only read here; :class:`Transformer` writes the new keys/values after the
+    layer scan.
     """
 
     config: ModelConfig
     fresh: bool = False
 
     @nn.compact
-    def __call__(self, x, k_cache, v_cache, inv_freq, positions, starts, mask):
-        """x ``[B, T, E]``; caches ``[B, H, S, D]``; inv_freq ``[D/2]`` (this layer's row of
-        ``rope_tables``); positions ``[B, T]``; starts ``[B]``; mask ``[B, T, S or T]``."""
+    def __call__(self, x, keys, values, layer, inv_freq, slots: Slots):
+        """x ``[B, T, E]``; caches ``[L, B, H, S, D]``, this layer is ``layer``; inv_freq ``[D/2]``
+        (this layer's row of ``rope_tables``). Returns ``(out [B, T, E], (k, v))``, the new
+        keys/values ``[B, Hkv, T, D]`` in the cache dtype."""
         c = self.config
         B, T, _ = x.shape
         D, Hq, Hkv = c.head_dim, c.num_heads, c.num_kv_heads
@@ -60,22 +94,14 @@ class Attention(nn.Module):
         if c.qk_norm:
             q = RMSNorm(c.rms_norm_eps, name="q_norm")(q)
             k = RMSNorm(c.rms_norm_eps, name="k_norm")(k)
-        q = apply_rope(q.swapaxes(1, 2), positions[:, None, :], inv_freq)  # [B, Hq, T, D]
-        k = apply_rope(k.swapaxes(1, 2), positions[:, None, :], inv_freq)  # [B, Hkv, T, D]
-        v = v.swapaxes(1, 2)  # [B, Hkv, T, D]
-        k_cache = _write_rows(k_cache, k.astype(k_cache.dtype), starts)  # [B, Hkv, S, D]
-        v_cache = _write_rows(v_cache, v.astype(v_cache.dtype), starts)
-
-        keys, values = (k, v) if self.fresh else (k_cache, v_cache)  # [B, Hkv, S or T, D]
+        q = apply_rope(q.swapaxes(1, 2), slots.positions[:, None, :], inv_freq)  # [B, Hq, T, D]
+        k = apply_rope(k.swapaxes(1, 2), slots.positions[:, None, :], inv_freq).astype(keys.dtype)  # [B, Hkv, T, D]
+        v = v.swapaxes(1, 2).astype(values.dtype)  # [B, Hkv, T, D]
+        cached = None if self.fresh else cache_source(_layer_reader(keys, values, layer), keys.shape[3], slots.starts)
         q = q.reshape(B, Hkv, Hq // Hkv, T, D)  # [B, Hkv, G, T, D]
-        scores = jnp.einsum(
-            "bhgtd,bhsd->bhgts", q.astype(jnp.float32), keys.astype(jnp.float32)
-        ) / jnp.sqrt(jnp.float32(D))  # [B, Hkv, G, T, S]
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
-        out = jnp.einsum("bhgts,bhsd->bhgtd", probs, values.astype(jnp.float32))  # [B, Hkv, G, T, D]
+        out = blocked_attention(q, k, v, slots.num_new, cached)  # [B, Hkv, G, T, D]
         out = out.reshape(B, Hq, T, D).swapaxes(1, 2).reshape(B, T, Hq * D).astype(x.dtype)
-        return dense(c.hidden_size, use_bias=False, name="o_proj")(out), k_cache, v_cache
+        return dense(c.hidden_size, use_bias=False, name="o_proj")(out), (k, v)
 
 
 class MLP(nn.Module):
@@ -91,24 +117,35 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """One pre-norm block, scanned over layers: carries ``x``, returns this layer's new keys/values."""
+
     config: ModelConfig
     fresh: bool = False
 
     @nn.compact
-    def __call__(self, x, k_cache, v_cache, inv_freq, positions, starts, mask):
+    def __call__(self, x, inv_freq, layer, keys, values, slots: Slots):
+        """x ``[B, T, E]``; this is layer ``layer`` of the read-only caches ``[L, B, H, S, D]``."""
         c = self.config
-        attn_out, k_cache, v_cache = Attention(c, self.fresh, name="attn")(
-            RMSNorm(c.rms_norm_eps, name="attn_norm")(x), k_cache, v_cache, inv_freq, positions, starts, mask
+        attn_out, new_kv = Attention(c, self.fresh, name="attn")(
+            RMSNorm(c.rms_norm_eps, name="attn_norm")(x), keys, values, layer, inv_freq, slots
         )
         x = x + attn_out
         x = x + MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, name="mlp_norm")(x))
-        return x, (k_cache, v_cache)
+        return x, new_kv
 
 
 class Transformer(nn.Module):
     """Embedding, ``L`` scanned decoder layers, final norm; ``logits`` maps hidden states to the vocabulary.
 
     ``fresh=True`` promises an empty cache (lengths 0): attention then spans only the new tokens.
+
+    The layer scan only reads the cache (a broadcast input, never a scanned input or carry)
+    and returns each layer's new keys/values ``[L, B, H, T, D]``; one in-place write per row
+    after the scan puts them in the cache. No step copies the cache (with the cache donated
+    by the caller's jit): carrying it through the scan and writing it in each layer made
+    XLA:CPU copy the whole cache in every layer, because those writes do not depend on the
+    reads, and scanning it in and out (``[B, H, S, D]`` per layer) rewrote all of it every
+    step.
     """
 
     config: ModelConfig
@@ -121,7 +158,7 @@ class Transformer(nn.Module):
             DecoderLayer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, 0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_layers,
         )(c, self.fresh)
         self.final_norm = RMSNorm(c.rms_norm_eps)
@@ -130,19 +167,22 @@ class Transformer(nn.Module):
 
     def __call__(self, tokens, positions, cache: KVCache, num_new):
         """Hidden states ``[B, T, E]`` and the updated cache."""
-        B, T = tokens.shape
-        S = cache.capacity
         starts = cache.lengths  # [B]
-        query_slots = starts[:, None] + jnp.arange(T)[None, :]  # [B, T]
-        visible = T if self.fresh else S
-        mask = jnp.arange(visible)[None, None, :] <= query_slots[:, :, None]  # [B, T, S] ([B, T, T] when fresh)
-        x = self.embed(tokens)
+        slots = Slots(positions, starts, num_new)
         inv_freq = rope_tables(self.config)  # [L, D/2], one row per scanned layer
-        x, (keys, values) = self.layers(x, cache.keys, cache.values, inv_freq, positions, starts, mask)
+        layer_ids = jnp.arange(self.config.num_layers)  # [L]
+        x, (new_keys, new_values) = self.layers(  # [L, B, H, T, D] each
+            self.embed(tokens), inv_freq, layer_ids, cache.keys, cache.values, slots
+        )
         new_positions = jax.vmap(lambda p, new, s: jax.lax.dynamic_update_slice_in_dim(p, new, s, axis=0))(
             cache.positions, positions.astype(jnp.int32), starts
         )
-        cache = KVCache(keys=keys, values=values, positions=new_positions, lengths=starts + num_new)
+        cache = KVCache(
+            keys=_write_rows(cache.keys, new_keys, starts),
+            values=_write_rows(cache.values, new_values, starts),
+            positions=new_positions,
+            lengths=starts + num_new,
+        )
         return self.final_norm(x), cache
 
     def hidden_and_logits(self, tokens, positions, cache: KVCache, num_new):
@@ -192,8 +232,9 @@ def forward(params, tokens, positions, cache: KVCache, config: ModelConfig, num_
       cache: a :class:`KVCache` with capacity ``S >= lengths + T``; the tokens are written
         to slots ``[lengths[b], lengths[b] + T)`` and attend to every slot before them.
       num_new: int32 ``[B]``, defaults to ``T`` for every row.
-      fresh: the caller promises the cache is empty; attention then costs ``T x T``
-        instead of ``T x S`` (a prefill from scratch).
+      fresh: the caller promises the cache is empty (a prefill from scratch); attention
+        then reads only the new tokens, never the cache. Either way it reads no cache slot
+        past the longest row and no key block past a query block's causal diagonal.
 
     Returns:
       ``(logits [B, T, V] float32, cache)`` with ``cache.lengths += num_new``.
