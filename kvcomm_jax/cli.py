@@ -225,7 +225,7 @@ def _pipeline(args):
 
 
 def _bench_ttft(args):
-    from kvcomm_jax.bench.reporting import check_writable, write_json
+    from kvcomm_jax.bench.reporting import check_writable
     from kvcomm_jax.bench.ttft import (
         TTFTSettings,
         plot_ttft,
@@ -241,17 +241,11 @@ def _bench_ttft(args):
         output_tokens=args.output_tokens, samples=args.samples, gamma=args.gamma, impl=args.impl,
     )
     result = run_ttft_benchmark(load_model(args.model, args.dtype), settings)
-    print(ttft_table(result))
-    if args.json:
-        write_json(args.json, result)
-        print(f"wrote {args.json}")
-    if args.plot:
-        plot_ttft(args.plot, result)
-        print(f"wrote {args.plot}")
+    _report(args, result, ttft_table, plot_ttft)
 
 
 def _bench_throughput(args):
-    from kvcomm_jax.bench.reporting import check_writable, write_json
+    from kvcomm_jax.bench.reporting import check_writable
     from kvcomm_jax.bench.throughput import (
         ThroughputSettings,
         plot_throughput,
@@ -267,12 +261,19 @@ def _bench_throughput(args):
         modes=args.modes, max_new_tokens=args.max_new_tokens, gamma=args.gamma, impl=args.impl,
     )
     result = run_throughput_benchmark(load_model(args.model, args.dtype), settings)
-    print(throughput_table(result))
+    _report(args, result, throughput_table, plot_throughput)
+
+
+def _report(args, result: dict, table, plot) -> None:
+    """Print a benchmark's table; write its JSON (``--json``) and plot (``--plot``) when asked."""
+    from kvcomm_jax.bench.reporting import write_json
+
+    print(table(result))
     if args.json:
         write_json(args.json, result)
         print(f"wrote {args.json}")
     if args.plot:
-        plot_throughput(args.plot, result)
+        plot(args.plot, result)
         print(f"wrote {args.plot}")
 
 

@@ -236,6 +236,17 @@ def test_blocked_attention_fresh_prefill_matches_reference(small_blocks):
     _assert_valid_rows_close(out, ref, num_new)
 
 
+def _attention_over_cache(q, new_k, new_v, cache_k, cache_v, starts, num_new):
+    """:func:`blocked_attention` of the new tokens over ``cache_k, cache_v [B, Hkv, S, D]`` (rows hold ``starts`` slots)."""
+
+    @jax.jit
+    def run(q, new_k, new_v, cache_k, cache_v):
+        cached = cache_source(slice_reader(cache_k, cache_v), cache_k.shape[2], starts)
+        return blocked_attention(q, new_k, new_v, num_new, cached)
+
+    return run(q, new_k, new_v, cache_k, cache_v)
+
+
 def test_blocked_attention_with_prime_lengths_matches_reference(small_blocks):
     """37 new tokens over a 61-slot cache: no block size divides either, so the last blocks are ragged."""
     B, T, S = 2, 37, 61
@@ -248,11 +259,7 @@ def test_blocked_attention_with_prime_lengths_matches_reference(small_blocks):
     for b, s in enumerate(starts):
         full_k[b, :, s : s + T], full_v[b, :, s : s + T] = new_k[b], new_v[b]
 
-    @jax.jit
-    def run(q, new_k, new_v, cache_k, cache_v):
-        return blocked_attention(q, new_k, new_v, num_new, cache_source(slice_reader(cache_k, cache_v), S, starts))
-
-    out = run(q, new_k, new_v, cache_k, cache_v)
+    out = _attention_over_cache(q, new_k, new_v, cache_k, cache_v, starts, num_new)
     ref = _reference_attention(q, full_k, full_v, starts[:, None] + np.arange(T)[None])
     _assert_valid_rows_close(out, ref, num_new)
     fresh = jax.jit(blocked_attention)(q, new_k, new_v, num_new)
@@ -272,11 +279,7 @@ def test_blocked_attention_prefill_over_a_partly_filled_cache_matches_reference(
     for b, s in enumerate(starts):
         full_k[b, :, s : s + T], full_v[b, :, s : s + T] = new_k[b], new_v[b]
 
-    @jax.jit
-    def run(q, new_k, new_v, cache_k, cache_v):
-        return blocked_attention(q, new_k, new_v, num_new, cache_source(slice_reader(cache_k, cache_v), S, starts))
-
-    out = run(q, new_k, new_v, cache_k, cache_v)
+    out = _attention_over_cache(q, new_k, new_v, cache_k, cache_v, starts, num_new)
     ref = _reference_attention(q, full_k, full_v, starts[:, None] + np.arange(T)[None])
     _assert_valid_rows_close(out, ref, num_new)
 
