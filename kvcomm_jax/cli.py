@@ -153,11 +153,11 @@ def _generate(args):
 
 
 def _perplexity(args):
-    from kvcomm_jax.bench.reporting import check_writable, write_json
+    from kvcomm_jax.bench.reporting import write_json
     from kvcomm_jax.model.perplexity import perplexity
     from kvcomm_jax.model.registry import load_model
 
-    check_writable(args.json, "--json")
+    _check_outputs(args)
     result = perplexity(load_model(args.model, args.dtype), args.text)
     print(f"perplexity: {result.perplexity:.4f}")
     if args.json:
@@ -169,7 +169,6 @@ def _pipeline(args):
     from kvcomm_jax.agents.pipeline import run_pipeline
     from kvcomm_jax.agents.tasks import get_task
     from kvcomm_jax.bench.reporting import (
-        check_writable,
         pipeline_table,
         plot_per_agent,
         write_json,
@@ -179,8 +178,7 @@ def _pipeline(args):
     from kvcomm_jax.scale.distributed import maybe_initialize_distributed
     from kvcomm_jax.scale.sharding import make_mesh
 
-    check_writable(args.json, "--json")
-    check_writable(args.plot, "--plot")
+    _check_outputs(args)
     maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     mesh = make_mesh(args.mesh) if args.mesh else None
     if args.load_pool and not os.path.isdir(args.load_pool):
@@ -225,7 +223,6 @@ def _pipeline(args):
 
 
 def _bench_ttft(args):
-    from kvcomm_jax.bench.reporting import check_writable
     from kvcomm_jax.bench.ttft import (
         TTFTSettings,
         plot_ttft,
@@ -234,8 +231,7 @@ def _bench_ttft(args):
     )
     from kvcomm_jax.model.registry import load_model
 
-    check_writable(args.json, "--json")
-    check_writable(args.plot, "--plot")
+    _check_outputs(args)
     settings = TTFTSettings(
         agents=args.agents, prefix_tokens=args.prefix_tokens, input_tokens=args.input_tokens,
         output_tokens=args.output_tokens, samples=args.samples, gamma=args.gamma, impl=args.impl,
@@ -245,7 +241,6 @@ def _bench_ttft(args):
 
 
 def _bench_throughput(args):
-    from kvcomm_jax.bench.reporting import check_writable
     from kvcomm_jax.bench.throughput import (
         ThroughputSettings,
         plot_throughput,
@@ -254,14 +249,21 @@ def _bench_throughput(args):
     )
     from kvcomm_jax.model.registry import load_model
 
-    check_writable(args.json, "--json")
-    check_writable(args.plot, "--plot")
+    _check_outputs(args)
     settings = ThroughputSettings(
         task=args.task, agents=args.agents, limit=args.limit, offset=args.offset, batch_sizes=args.batch_sizes,
         modes=args.modes, max_new_tokens=args.max_new_tokens, gamma=args.gamma, impl=args.impl,
     )
     result = run_throughput_benchmark(load_model(args.model, args.dtype), settings)
     _report(args, result, throughput_table, plot_throughput)
+
+
+def _check_outputs(args) -> None:
+    """Fail before any work if ``--json`` (or ``--plot``, where the command has it) cannot be written."""
+    from kvcomm_jax.bench.reporting import check_writable
+
+    check_writable(args.json, "--json")
+    check_writable(getattr(args, "plot", None), "--plot")
 
 
 def _report(args, result: dict, table, plot) -> None:
