@@ -38,6 +38,7 @@ from kvcomm_jax.bench.reporting import (
     run_info,
 )
 from kvcomm_jax.kvcomm.engine import EngineConfig, KVCommEngine
+from kvcomm_jax.kvcomm.probes import per_call
 from kvcomm_jax.kvcomm.records import CallRecord, reuse_rate
 from kvcomm_jax.kvcomm.templates import AgentPrompt, field, response_placeholder
 from kvcomm_jax.model.registry import LoadedModel
@@ -200,7 +201,7 @@ def run_ttft_benchmark(model: LoadedModel, settings: TTFTSettings, progress: boo
             mode="kvcomm", gamma=settings.gamma, max_new_tokens=settings.output_tokens, lead_in=LEAD_IN,
             impl=settings.impl, ignore_eos=True,
         ),
-        probes=(BaselineProbe(),),
+        probes=(per_call(BaselineProbe()),),
     )
     rng = random.Random(settings.seed)
     unmeasured = settings.anchor_requests + settings.warmup_requests

