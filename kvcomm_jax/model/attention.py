@@ -71,7 +71,7 @@ class KeySource(NamedTuple):
 
     read:    ``(start, size) -> (keys, values)``, each ``[B, Hkv, size, D]``
     length:  slots ``read`` can serve (static)
-    visible: ``(query_positions [Tq], key_slots [Tk]) -> bool [B or 1, Tq or 1, Tk]``
+    visible: ``(query_indices [Tq], key_slots [Tk]) -> bool [B or 1, Tq or 1, Tk]``
     end:     int32 (traced): no query needs a slot ``>= end`` (the longest row)
     """
 
@@ -100,6 +100,23 @@ def cache_source(read: ReadBlock, capacity: int, starts) -> KeySource:
     """The cached slots: row ``b`` sees its slots ``< starts [B]`` from every query."""
     visible = lambda _, slots: (slots[None, :] < starts[:, None])[:, None, :]  # [B, 1, Tk]
     return KeySource(read, capacity, visible, jnp.max(starts))
+
+
+def recompute_source(read: ReadBlock, capacity: int, lengths, key_positions, excluded, query_positions) -> KeySource:
+    """Cached slots seen by queries at any positions: row ``b``'s slot ``s`` is visible to query ``t`` when
+    ``s < lengths[b]``, ``s`` is not ``excluded[b, s]`` (its keys are being recomputed) and
+    ``key_positions[b, s] <= query_positions[b, t]``.
+
+    ``lengths [B]``; ``key_positions, excluded [B, S]``; ``query_positions [B, T]``.
+    """
+
+    def visible(queries, slots):
+        qp = jnp.take(query_positions, queries, axis=1)  # [B, Tq]
+        kp = jnp.take(key_positions, slots, axis=1)  # [B, Tk]
+        keep = (slots[None, :] < lengths[:, None]) & ~jnp.take(excluded, slots, axis=1)  # [B, Tk]
+        return keep[:, None, :] & (kp[:, None, :] <= qp[:, :, None])  # [B, Tq, Tk]
+
+    return KeySource(read, capacity, visible, jnp.max(lengths))
 
 
 def _new_source(keys, values, num_new) -> KeySource:

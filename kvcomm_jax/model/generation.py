@@ -29,16 +29,26 @@ from kvcomm_jax.model.transformer import Transformer, forward_last
 
 @functools.partial(jax.jit, static_argnames=("config", "sampling", "fresh"), donate_argnames=("cache",))
 def prefill(
-    params, tokens, positions, num_new, cache: KVCache, key, config: ModelConfig, sampling: SamplingConfig, fresh: bool = False
+    params,
+    tokens,
+    positions,
+    num_new,
+    cache: KVCache,
+    key,
+    config: ModelConfig,
+    sampling: SamplingConfig,
+    fresh: bool = False,
+    targets=None,
 ):
     """Run ``tokens [B, T]`` (``num_new [B]`` valid per row) and sample the next token.
 
-    ``fresh``: the cache is empty (see :func:`kvcomm_jax.model.transformer.forward`).
+    ``fresh``: the cache is empty; ``targets [B, T]``: the slots the tokens recompute
+    instead of being appended (see :func:`kvcomm_jax.model.transformer.forward`).
     ``cache`` is donated: its buffers become the returned cache's, so the caller must not
     use the cache it passed in again.
     Returns ``(first_token [B] int32, last_logits [B, V] float32, cache)``.
     """
-    logits, cache = forward_last(params, tokens, positions, cache, config, num_new, fresh)
+    logits, cache = forward_last(params, tokens, positions, cache, config, num_new, fresh, targets)
     return sample_next(logits, key, sampling), logits, cache
 
 

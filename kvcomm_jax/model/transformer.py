@@ -16,7 +16,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kvcomm_jax.model.attention import ReadBlock, blocked_attention, cache_source
+from kvcomm_jax.model.attention import (
+    ReadBlock,
+    blocked_attention,
+    cache_source,
+    recompute_source,
+)
 from kvcomm_jax.model.config import ModelConfig
 from kvcomm_jax.model.kv_cache import KVCache
 from kvcomm_jax.model.rope import apply_rope, rope_tables
@@ -43,6 +48,18 @@ def _write_rows(cache, new, starts):
     return cache
 
 
+def _dropped_padding(targets, num_new, capacity):
+    """``targets [B, T]`` with each row's padding (``t >= num_new[b]``) sent out of bounds (slot ``capacity``)."""
+    valid = jnp.arange(targets.shape[1])[None, :] < num_new[:, None]  # [B, T]
+    return jnp.where(valid, targets, capacity).astype(jnp.int32)
+
+
+def _scatter_rows(cache, new, targets):
+    """Write ``new [L, B, H, T, D]`` into ``cache [L, B, H, S, D]`` at slots ``targets [B, T]`` (out of bounds: dropped)."""
+    write = lambda c, n, t: c.at[:, :, t].set(n.astype(c.dtype), mode="drop")  # [L, H, S, D] per row
+    return jax.vmap(write, in_axes=(1, 1, 0), out_axes=1)(cache, new, targets)
+
+
 def _layer_reader(keys, values, layer) -> ReadBlock:
     """A block reader over layer ``layer`` of ``keys, values [L, B, H, S, D]``, sliced straight from the stack."""
 
@@ -54,16 +71,21 @@ def _layer_reader(keys, values, layer) -> ReadBlock:
 
 
 class Slots(NamedTuple):
-    """Where the new tokens go; the same for every layer.
+    """Where the new tokens go and what they see; the same for every layer.
 
     positions: ``[B, T]`` RoPE positions of the tokens
-    starts:    ``[B]`` first slot written in each row (the cache lengths before the call)
+    starts:    ``[B]`` cache slots valid before the call (appended tokens go right after them)
     num_new:   ``[B]`` valid tokens per row
+    excluded:  ``[B, S]`` bool, slots being recomputed (hidden from the cache's side of
+               attention), or None when the tokens are appended
+    key_positions: ``[B, S]`` RoPE positions of the cache slots (with ``excluded``)
     """
 
     positions: jax.Array
     starts: jax.Array
     num_new: jax.Array
+    excluded: jax.Array | None = None
+    key_positions: jax.Array | None = None
 
 
 class Attention(nn.Module):
@@ -97,11 +119,17 @@ class Attention(nn.Module):
         q = apply_rope(q.swapaxes(1, 2), slots.positions[:, None, :], inv_freq)  # [B, Hq, T, D]
         k = apply_rope(k.swapaxes(1, 2), slots.positions[:, None, :], inv_freq).astype(keys.dtype)  # [B, Hkv, T, D]
         v = v.swapaxes(1, 2).astype(values.dtype)  # [B, Hkv, T, D]
-        cached = None if self.fresh else cache_source(_layer_reader(keys, values, layer), keys.shape[3], slots.starts)
+        cached = None if self.fresh else self._cache_source(_layer_reader(keys, values, layer), keys.shape[3], slots)
         q = q.reshape(B, Hkv, Hq // Hkv, T, D)  # [B, Hkv, G, T, D]
         out = blocked_attention(q, k, v, slots.num_new, cached)  # [B, Hkv, G, T, D]
         out = out.reshape(B, Hq, T, D).swapaxes(1, 2).reshape(B, T, Hq * D).astype(x.dtype)
         return dense(c.hidden_size, use_bias=False, name="o_proj")(out), (k, v)
+
+    @staticmethod
+    def _cache_source(read: ReadBlock, capacity: int, slots: Slots):
+        if slots.excluded is None:  # appended tokens see every valid slot
+            return cache_source(read, capacity, slots.starts)
+        return recompute_source(read, capacity, slots.starts, slots.key_positions, slots.excluded, slots.positions)
 
 
 class MLP(nn.Module):
@@ -165,24 +193,41 @@ class Transformer(nn.Module):
         if not c.tie_embeddings:
             self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=c.jnp_dtype, param_dtype=c.jnp_dtype)
 
-    def __call__(self, tokens, positions, cache: KVCache, num_new):
-        """Hidden states ``[B, T, E]`` and the updated cache."""
-        starts = cache.lengths  # [B]
-        slots = Slots(positions, starts, num_new)
+    def __call__(self, tokens, positions, cache: KVCache, num_new, targets=None):
+        """Hidden states ``[B, T, E]`` and the updated cache.
+
+        ``targets`` None appends the tokens after each row's valid slots. Otherwise
+        ``targets [B, T]`` are the slots (inside the valid ones, ascending, as are
+        ``positions``) whose keys/values the tokens recompute; see :func:`forward`.
+        """
         inv_freq = rope_tables(self.config)  # [L, D/2], one row per scanned layer
         layer_ids = jnp.arange(self.config.num_layers)  # [L]
+        if targets is None:
+            slots = Slots(positions, cache.lengths, num_new)
+        else:
+            targets = _dropped_padding(targets, num_new, cache.capacity)  # [B, T]
+            excluded = jax.vmap(lambda t: jnp.zeros((cache.capacity,), bool).at[t].set(True, mode="drop"))(targets)
+            slots = Slots(positions, cache.lengths, num_new, excluded, cache.positions)
         x, (new_keys, new_values) = self.layers(  # [L, B, H, T, D] each
             self.embed(tokens), inv_freq, layer_ids, cache.keys, cache.values, slots
         )
-        new_positions = jax.vmap(lambda p, new, s: jax.lax.dynamic_update_slice_in_dim(p, new, s, axis=0))(
-            cache.positions, positions.astype(jnp.int32), starts
-        )
-        cache = KVCache(
-            keys=_write_rows(cache.keys, new_keys, starts),
-            values=_write_rows(cache.values, new_values, starts),
-            positions=new_positions,
-            lengths=starts + num_new,
-        )
+        positions = positions.astype(jnp.int32)
+        if targets is None:
+            starts = cache.lengths
+            cache = KVCache(
+                keys=_write_rows(cache.keys, new_keys, starts),
+                values=_write_rows(cache.values, new_values, starts),
+                positions=jax.vmap(lambda p, new, s: jax.lax.dynamic_update_slice_in_dim(p, new, s, axis=0))(
+                    cache.positions, positions, starts
+                ),
+                lengths=starts + num_new,
+            )
+        else:
+            cache = cache.replace(
+                keys=_scatter_rows(cache.keys, new_keys, targets),
+                values=_scatter_rows(cache.values, new_values, targets),
+                positions=jax.vmap(lambda p, new, t: p.at[t].set(new, mode="drop"))(cache.positions, positions, targets),
+            )
         return self.final_norm(x), cache
 
     def hidden_and_logits(self, tokens, positions, cache: KVCache, num_new):
@@ -204,7 +249,7 @@ def _check_capacity(tokens, cache: KVCache):
         raise ValueError(f"tokens batch {tokens.shape[0]} != cache batch {cache.batch}")
 
 
-def _logits_and_cache(params, tokens, positions, cache: KVCache, config: ModelConfig, num_new, fresh, last_only):
+def _logits_and_cache(params, tokens, positions, cache: KVCache, config: ModelConfig, num_new, fresh, last_only, targets=None):
     """What :func:`forward` and :func:`forward_last` share: the model, then the logits.
 
     ``num_new`` None means ``T`` for every row. Returns ``(logits, cache)``: logits
@@ -215,14 +260,14 @@ def _logits_and_cache(params, tokens, positions, cache: KVCache, config: ModelCo
     if num_new is None:
         num_new = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
     model = Transformer(config, fresh)
-    hidden, cache = model.apply({"params": params}, tokens, positions, cache, num_new)  # [B, T, E]
+    hidden, cache = model.apply({"params": params}, tokens, positions, cache, num_new, targets)  # [B, T, E]
     if last_only:
         hidden = jnp.take_along_axis(hidden, (num_new - 1)[:, None, None], axis=1)[:, 0]  # [B, E]
     return model.apply({"params": params}, hidden, method=Transformer.logits), cache
 
 
 @functools.partial(jax.jit, static_argnames=("config", "fresh"))
-def forward(params, tokens, positions, cache: KVCache, config: ModelConfig, num_new=None, fresh: bool = False):
+def forward(params, tokens, positions, cache: KVCache, config: ModelConfig, num_new=None, fresh: bool = False, targets=None):
     """The model as a pure function.
 
     Args:
@@ -235,20 +280,31 @@ def forward(params, tokens, positions, cache: KVCache, config: ModelConfig, num_
       fresh: the caller promises the cache is empty (a prefill from scratch); attention
         then reads only the new tokens, never the cache. Either way it reads no cache slot
         past the longest row and no key block past a query block's causal diagonal.
+      targets: None appends the tokens as above. Otherwise int32 ``[B, T]``: the valid
+        slots (``< lengths``) whose keys/values the tokens *recompute*, a set of any
+        positions in any number of runs, ascending in each row with ``positions`` (padding
+        past ``num_new`` is ignored). At every layer the tokens' keys/values go into those
+        slots, and a slot is visible to a token when its position is not after the
+        token's: the recomputed tokens among themselves causally, the other valid slots
+        by ``cache.positions``. ``targets`` = every slot over an empty cache is a dense
+        prefill; a suffix over an exact prefix is its continuation.
 
     Returns:
-      ``(logits [B, T, V] float32, cache)`` with ``cache.lengths += num_new``.
+      ``(logits [B, T, V] float32, cache)`` with ``cache.lengths += num_new`` (unchanged
+      when recomputing).
     """
-    return _logits_and_cache(params, tokens, positions, cache, config, num_new, fresh, last_only=False)
+    return _logits_and_cache(params, tokens, positions, cache, config, num_new, fresh, last_only=False, targets=targets)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "fresh"))
-def forward_last(params, tokens, positions, cache: KVCache, config: ModelConfig, num_new, fresh: bool = False):
+def forward_last(
+    params, tokens, positions, cache: KVCache, config: ModelConfig, num_new, fresh: bool = False, targets=None
+):
     """Like :func:`forward` but returns only the logits of each row's last valid token, ``[B, V]``.
 
     Saves the vocabulary projection of every other token during prefill.
     """
-    return _logits_and_cache(params, tokens, positions, cache, config, num_new, fresh, last_only=True)
+    return _logits_and_cache(params, tokens, positions, cache, config, num_new, fresh, last_only=True, targets=targets)
 
 
 def init_params(config: ModelConfig, seed: int = 0):
