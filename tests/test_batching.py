@@ -72,7 +72,7 @@ def test_batched_reuse_cache_and_logits_equal_one_by_one():
     requests = [engine.new_request(q) for q in SHORT_QUESTIONS]
     engine.run_agents(requests, 0)
     calls = [engine.prepare_call(r, 1) for r in requests]
-    assert all(engine.strategy.decide(engine.context, c).reuse for c in calls)
+    assert all(engine.strategy.decide(engine.context, c).reuses for c in calls)
     capacity = max(c.capacity for c in calls)
     batched = engine.strategy.build_cache(engine.context, calls, capacity).cache
     batched_logits = _first_logits(engine, [c.ids for c in calls], batched)

@@ -9,6 +9,8 @@ import kvcomm_jax.kvcomm.runner as runner_module
 from kvcomm_jax.compile_counter import CompileCounter
 from kvcomm_jax.kvcomm.anchor_pool import empty_pool
 from kvcomm_jax.kvcomm.engine import EngineConfig, KVCommEngine
+from kvcomm_jax.kvcomm.layout import Span
+from kvcomm_jax.kvcomm.plans import Plan
 from kvcomm_jax.kvcomm.strategies import RotateOnly
 from kvcomm_jax.kvcomm.templates import AgentPrompt
 from kvcomm_jax.model.kv_cache import init_cache
@@ -66,14 +68,16 @@ def test_rotating_cached_keys_equals_computing_them_at_the_new_positions():
 
 @pytest.mark.real_model
 def test_single_anchor_from_the_same_request_reproduces_the_dense_cache():
-    engine = KVCommEngine(load_model(), PROMPTS, EngineConfig(max_new_tokens=16))
+    engine = KVCommEngine(load_model(), PROMPTS, EngineConfig(max_new_tokens=16, partial_reuse=False))
     request = engine.new_request(QUESTIONS[0])
     for agent in (0, 1):
         assert engine.run_agent(request, agent).path == "dense"  # empty pools: contents become anchors
     for agent in (0, 1):
         call = engine.prepare_call(request, agent)
         assert all(int(engine.pools[n].valid.sum()) == 1 for n in call.contents)
-        first, cache, _, _ = engine.reuse_prefill([call], call.capacity, jax.random.PRNGKey(0))
+        plan = Plan("reuse", spans=(Span(len(call.ids) - 1, 1),))  # forced: the gate would call these new anchors
+        first, cache, _, _, computed = engine.reuse_prefill([call], [plan], call.capacity, jax.random.PRNGKey(0))
+        assert computed == [1]
         dense_first, dense = _dense_cache(engine, call)
         n = len(call.ids) - 1
         for layer in range(engine.model.config.num_layers):
@@ -99,7 +103,7 @@ def test_reuse_cache_keeps_layer_zero_exact_and_corrects_other_layers(warm_engin
     request = warm_engine.new_request(SHORT_QUESTIONS[0])
     warm_engine.run_agent(request, 0)
     call = warm_engine.prepare_call(request, 1)
-    assert warm_engine.strategy.decide(warm_engine.context, call).reuse
+    assert warm_engine.strategy.decide(warm_engine.context, call).reuses
     corrected = warm_engine.reuse_cache(call)
     rotated = warm_engine.reuse_cache(call, RotateOnly())
     _, dense = _dense_cache(warm_engine, call)
@@ -163,9 +167,10 @@ def test_compilation_is_reported_apart_from_ttft():
     assert first.ttft_ms < 10 * again.ttft_ms + 50  # the compilation is not inside the first TTFT
 
 
-def test_agent_without_its_own_deltas_takes_the_dense_path():
+@pytest.mark.parametrize("partial_reuse", [False, True])
+def test_agent_without_its_own_deltas_does_not_reuse_that_placeholder(partial_reuse):
     model = tiny_loaded_model()
-    engine = KVCommEngine(model, PROMPTS, EngineConfig(max_new_tokens=4, gamma=10.0))
+    engine = KVCommEngine(model, PROMPTS, EngineConfig(max_new_tokens=4, gamma=10.0, partial_reuse=partial_reuse))
     for question in QUESTIONS[:2]:
         request = engine.new_request(question)
         engine.run_agent(request, 0)
@@ -175,7 +180,15 @@ def test_agent_without_its_own_deltas_takes_the_dense_path():
     engine.pools["user_question"] = pool.replace(consumers={"0": pool.consumers["0"]})
     request = engine.new_request(SHORT_QUESTIONS[0])
     assert engine.run_agent(request, 0).path == "reuse"
-    assert engine.run_agent(request, 1).path == "dense"
+    record = engine.run_agent(request, 1)
+    assert record.reason == "{user_question}: no anchor holds agent 1's deltas"
+    if partial_reuse:  # everything from the question on is computed in context; prefix 0 is reused
+        call = engine.prepare_call(request, 1)
+        assert record.path == "partial"
+        assert record.recomputed_tokens == len(call.ids) - call.layout.content(0).start
+        assert record.reused_tokens == call.layout.prefix(0).length
+    else:
+        assert record.path == "dense" and record.reused_tokens == 0
 
 
 def test_dense_and_rotate_only_modes_share_the_code_path():

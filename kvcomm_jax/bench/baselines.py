@@ -39,7 +39,7 @@ from kvcomm_jax.kvcomm.runner import ModelRunner
 from kvcomm_jax.kvcomm.segments import SegmentKV, fit_tokens
 from kvcomm_jax.kvcomm.timing import timed, timed_donating
 from kvcomm_jax.model.generation import prefill
-from kvcomm_jax.model.kv_cache import KVCache, init_cache, with_lengths
+from kvcomm_jax.model.kv_cache import KVCache, init_cache
 from kvcomm_jax.scale import sharding
 
 
@@ -120,12 +120,12 @@ def read_all(arrays):
 def reuse_floor(engine, call: PreparedCall, cache: KVCache, key) -> dict:
     """The reuse call's floor on ``cache`` (its row after the call): a one-token forward at ``N - 1`` slots, and the reads.
 
-    The forward is the reuse call's own step (:meth:`~kvcomm_jax.kvcomm.runner.ModelRunner.forward_last_tokens`)
-    on a copy of its cache made before the clock starts.
+    The forward is the reuse call's own step (:meth:`~kvcomm_jax.kvcomm.runner.ModelRunner.recompute` of the
+    last token) on a copy of its cache made before the clock starts.
     Returns ``{"parts_ms": {"forward", "read"}, "bytes", "compile_ms"}``.
     """
-    reuse_input = copy_tree(with_lengths(cache, [len(call.ids) - 1]))
-    _, _, forward_ms, forward_compile = engine.runner.forward_last_tokens([call.ids], reuse_input, key)
+    last = len(call.ids) - 1
+    _, _, forward_ms, forward_compile = engine.runner.recompute([call.ids], [[last]], [1], copy_tree(cache), key)
     arrays = correction_reads(engine, call)
     _, read_ms, read_compile = timed(lambda: read_all(arrays))
     return {

@@ -8,9 +8,11 @@ anchor inputs for one content. Every pool it holds is laid out on its mesh.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -31,6 +33,15 @@ from kvcomm_jax.kvcomm.templates import placeholder_producer
 from kvcomm_jax.model.buckets import bucket_length
 from kvcomm_jax.model.config import ModelConfig
 from kvcomm_jax.scale import sharding
+
+
+def _anchor_reason(held: np.ndarray, lengths: np.ndarray, length: int) -> str:
+    """Why a content was predicted to be a new anchor, from the pool it was predicted against."""
+    if held.sum() < 2:
+        return "fewer than two anchors held"
+    if (held & (lengths >= length)).sum() < 2:
+        return f"fewer than two anchors of {length}+ tokens"
+    return "entropy gate"
 
 
 class AnchorStore:
@@ -81,11 +92,23 @@ class AnchorStore:
         predictions = jax.device_get([
             predict(c.base.values, c.base.length, pool.values, pool.lengths, pool.valid, self.gamma)[:2] for c in contents
         ])
+        held = np.asarray(pool.valid)  # [V]
         for content, (becomes_anchor, increments) in zip(contents, predictions):
             content.becomes_anchor = bool(becomes_anchor)
+            content.anchor_reason = _anchor_reason(held, np.asarray(pool.lengths), len(content.ids)) if becomes_anchor else None
             if not content.becomes_anchor:
                 pool = add_activations(pool, increments)
         self.pools[name] = pool
+
+    def unusable_reason(self, name: str, consumer: int, length: int) -> str | None:
+        """Why no anchor of ``name`` may correct a ``length``-token content for ``consumer``; None when one may."""
+        if self.usable(name, consumer, length).any():
+            return None
+        pool = self.pools.get(name)
+        deltas = None if pool is None else pool.consumers.get(str(consumer))
+        if deltas is None or not np.any(np.asarray(pool.valid) & np.asarray(deltas.present)):
+            return f"{{{name}}}: no anchor holds agent {consumer}'s deltas"
+        return f"{{{name}}}: no anchor with agent {consumer}'s deltas is {length} tokens long"
 
     def usable(self, name: str, consumer: int, length: int) -> np.ndarray:
         """``[V]`` bool: anchors of ``name`` that may correct a ``length``-token content for ``consumer``."""
@@ -106,10 +129,23 @@ class AnchorStore:
         )
         self._set(name, pool)
 
-    def inputs_for(self, name: str, consumer: int, contents: Sequence[Content]) -> AnchorInputs:
-        """The anchors of ``name`` as ``consumer`` uses them to correct ``contents`` (one row each: ``usable [B, V]``)."""
-        pool = self.pools[name]
-        usable = np.stack([self.usable(name, consumer, len(c.ids)) for c in contents])  # [B, V]
+    def inputs_for(self, name: str, consumer: int, contents: Sequence[Content], prefix_tokens: int) -> AnchorInputs:
+        """The anchors of ``name`` as ``consumer`` uses them to correct ``contents`` (one row each: ``usable [B, V]``).
+
+        ``prefix_tokens``: the bucket of the consumer's prefix segment after the placeholder.
+        Without a pool, or without this consumer's deltas, one empty slot that no row may use
+        (the correction then changes nothing).
+        """
+        pool = self.pools.get(name)
+        if pool is None or str(consumer) not in pool.consumers:
+            c = self.config
+            pool = empty_pool(1, c.num_layers, c.num_kv_heads, c.head_dim, 1, c.jnp_dtype)
+            zeros = functools.partial(jnp.zeros, dtype=pool.keys.dtype)
+            prefix = zeros((c.num_layers, c.num_kv_heads, prefix_tokens, c.head_dim))  # [L, H, Tp, D]
+            pool = record_deltas(pool, 0, consumer, zeros(pool.keys.shape[1:]), zeros(pool.keys.shape[1:]), prefix, prefix)
+            usable = np.zeros((len(contents), 1), bool)
+        else:
+            usable = np.stack([self.usable(name, consumer, len(c.ids)) for c in contents])  # [B, V]
         return AnchorInputs(
             keys=pool.keys, values=pool.values, lengths=pool.lengths,
             usable=sharding.place(usable, self.mesh),

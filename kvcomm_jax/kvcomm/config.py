@@ -21,6 +21,12 @@ class EngineConfig:
     lead_in: short context placed before a question/condition when computing its base KV
     impl: kernel implementation, one of ``pallas_kernels.IMPLS``
     ignore_eos: decode exactly ``max_new_tokens`` tokens (fixed-length workloads)
+    partial_reuse: reuse up to the first placeholder that cannot be reused and recompute the
+      rest in the same forward (False: the paper's all-or-nothing decision, a dense prefill)
+    exact_question: compute the question in context when it directly follows prefix 0,
+      instead of approximating it (its anchor gate then no longer decides the call)
+    recompute_ratio: the fraction of approximated tokens a reuse call also recomputes, chosen
+      by the strategy's selection rule; None is the strategy's default (0, or CacheBlend's 0.15)
     """
 
     mode: str = "kvcomm"
@@ -32,6 +38,9 @@ class EngineConfig:
     lead_in: str = "The task is:\n\n"
     impl: str = "auto"
     ignore_eos: bool = False
+    partial_reuse: bool = True
+    exact_question: bool = False
+    recompute_ratio: float | None = None
 
     def __post_init__(self):
         if self.impl not in IMPLS:
@@ -40,5 +49,7 @@ class EngineConfig:
             raise ValueError(f"gamma must be >= 0, got {self.gamma}")
         if self.anchor_capacity < 1 or self.eviction_window < 1:
             raise ValueError("anchor_capacity and eviction_window must be >= 1")
+        if self.recompute_ratio is not None and not 0.0 <= self.recompute_ratio <= 1.0:
+            raise ValueError(f"recompute_ratio must be in [0, 1], got {self.recompute_ratio}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")

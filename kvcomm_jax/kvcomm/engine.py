@@ -27,15 +27,27 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kvcomm_jax.kvcomm.anchor_pool import AnchorPool
 from kvcomm_jax.kvcomm.anchor_store import AnchorStore
 from kvcomm_jax.kvcomm.config import EngineConfig
 from kvcomm_jax.kvcomm.layout import Span
+from kvcomm_jax.kvcomm.plans import (
+    Plan,
+    add_selected,
+    plan_targets,
+    selection_candidates,
+)
 from kvcomm_jax.kvcomm.records import CallRecord
 from kvcomm_jax.kvcomm.request import Content, PreparedCall, Request
 from kvcomm_jax.kvcomm.runner import ModelRunner
-from kvcomm_jax.kvcomm.strategies import MODES, STRATEGIES, ReuseContext
+from kvcomm_jax.kvcomm.strategies import (
+    MODES,
+    STRATEGIES,
+    ReuseContext,
+    recompute_ratio,
+)
 from kvcomm_jax.kvcomm.template_store import TemplateStore
 from kvcomm_jax.kvcomm.templates import (
     QUESTION,
@@ -47,7 +59,7 @@ from kvcomm_jax.kvcomm.templates import (
     response_placeholder,
     segment_template,
 )
-from kvcomm_jax.kvcomm.timing import ready
+from kvcomm_jax.kvcomm.timing import ready, timed
 from kvcomm_jax.model.buckets import bucket_length
 from kvcomm_jax.model.generation import check_prompt_lengths
 from kvcomm_jax.model.kv_cache import KVCache, concat_rows, take_rows
@@ -86,12 +98,17 @@ class KVCommEngine:
             raise ValueError(f"agent ids must be unique, got {ids}")
         if config.mode not in STRATEGIES:
             raise ValueError(f"unknown mode {config.mode!r} (known: {', '.join(MODES)})")
+        strategy = STRATEGIES[config.mode]
+        if config.recompute_ratio and not strategy.selects:
+            raise ValueError(f"mode {config.mode!r} has no rule to select tokens to recompute; drop recompute_ratio")
+        if not config.partial_reuse and not strategy.uses_anchors:
+            raise ValueError(f"mode {config.mode!r} never blocks a placeholder, so turning partial reuse off means nothing")
         self.mesh = sharding.single_device_mesh() if mesh is None else mesh
         if config.impl == "auto" and self.mesh.size > 1:
             config = dataclasses.replace(config, impl="reference")
         self.config = config
         self.runner = ModelRunner(model, config, self.mesh)
-        self.strategy = STRATEGIES[config.mode]()
+        self.strategy = strategy()
         self.probes = tuple(probes)
         templates = {p.agent_id: segment_template(p, model.tokenizer, model.chat_format) for p in prompts}
         self.consumers: dict[str, list[int]] = {}
@@ -188,7 +205,7 @@ class KVCommEngine:
         template = self.templates[agent_id]
         contents = [self._contents_for(r, agent_id) for r in requests]
         others_ms = 0.0
-        if self.strategy.uses_anchors:
+        if self.strategy.uses_bases:
             names = [n for n in template.placeholders if placeholder_producer(n) is None or is_condition(n)]
             others_ms = self._ensure_bases(requests, names) / len(requests)
         calls = []
@@ -196,25 +213,42 @@ class KVCommEngine:
             ids = tuple(template.ids({n: c.ids for n, c in mine.items()}))
             check_prompt_lengths([ids], self.config.max_new_tokens, self.model.config, names=[f"agent {agent_id}'s prompt"])
             buckets = [bucket_length(len(c.ids), what=f"placeholder {{{n}}} content") for n, c in mine.items()]
-            if self.strategy.uses_anchors:
+            if self.strategy.uses_bases:
                 buckets += [p.bucket for p in self.templates.kv(agent_id).prefixes[1:]]
             layout = template.layout({n: len(c.ids) for n, c in mine.items()})
             calls.append(PreparedCall(agent_id, ids, mine, layout, self.runner.capacity(len(ids), buckets), others_ms))
         return calls
 
     def reuse_cache(self, call: PreparedCall, strategy=None) -> KVCache:
-        """The reuse cache of ``call`` (all prompt tokens but the last) as ``strategy`` (default: the engine's) builds it."""
+        """The cache of every token of ``call``'s prompt as ``strategy`` (default: the engine's) reuses it, before any recompute."""
         return (strategy or self.strategy).build_cache(self.context, [call], call.capacity).cache
 
-    def reuse_prefill(self, calls: Sequence[PreparedCall], capacity: int, key):
-        """The reuse path for a batch of calls: the strategy's cache for each ``ids[:-1]``, then a one-token forward.
+    def reuse_prefill(self, calls: Sequence[PreparedCall], plans: Sequence[Plan], capacity: int, key):
+        """The reuse path for a batch of calls: the strategy's cache, then one forward over each plan's computed tokens.
 
-        Returns ``(first_tokens [B], cache, breakdown_ms, compile_ms)``; the breakdown holds
-        warm times of "matching_offset", "assembly" and "forward".
+        A strategy with a selection rule and a recompute ratio ``r > 0`` adds, per row, the
+        ``round(r * approximated tokens)`` approximated tokens it ranks highest. Returns
+        ``(first_tokens [B], cache, breakdown_ms, compile_ms, computed [B])``: the breakdown
+        holds warm times of "matching_offset", "assembly", "selection" (when one ran) and
+        "forward"; ``computed`` counts each row's tokens computed in context.
         """
         built = self.strategy.build_cache(self.context, calls, capacity)
-        first, cache, forward_ms, compile_forward = self.runner.forward_last_tokens([c.ids for c in calls], built.cache, key)
-        return first, cache, {**built.timings_ms, "forward": forward_ms}, built.compile_ms + compile_forward
+        breakdown, compile_ms = dict(built.timings_ms), built.compile_ms
+        targets, counts = plan_targets(plans)
+        ratio = recompute_ratio(self.context, self.strategy)
+        if built.scores is not None and ratio > 0:
+            candidates = selection_candidates(plans, [c.layout.prefix(0).length for c in calls], capacity)  # [B, S]
+            picks = np.rint(ratio * candidates.sum(axis=1)).astype(np.int32)  # [B]
+            if picks.max() > 0:
+                extra = bucket_length(int(picks.max()), what="selected tokens")
+                (targets, _), ms, compile_select = timed(
+                    lambda: add_selected(targets, counts, built.scores, candidates, picks, extra=extra)
+                )
+                breakdown["selection"] = breakdown.get("selection", 0.0) + ms
+                compile_ms += compile_select
+                counts = counts + picks
+        first, cache, forward_ms, compile_forward = self.runner.recompute([c.ids for c in calls], targets, counts, built.cache, key)
+        return first, cache, {**breakdown, "forward": forward_ms}, compile_ms + compile_forward, counts.tolist()
 
     def run_agent(self, request: Request, agent_id: int) -> CallRecord:
         """One agent call: prefill (dense or reuse), decode, publish the response. Returns its record."""
@@ -236,24 +270,24 @@ class KVCommEngine:
         capacity = max(c.capacity for c in calls)
         key = jax.random.fold_in(jax.random.PRNGKey(self.config.sampling.seed), requests[0].index * 4096 + agent_id)
         prefill_key, decode_key = jax.random.split(key)
-        decisions = [self.strategy.decide(self.context, c) for c in calls]
+        plans = [self.strategy.decide(self.context, c) for c in calls]
         groups = {True: [], False: []}
-        for row, decision in enumerate(decisions):
-            groups[decision.reuse].append(row)
+        for row, plan in enumerate(plans):
+            groups[plan.reuses].append(row)
 
-        parts = {}  # reuse? -> (first [b], cache, breakdown_ms, compile_ms, others_ms)
+        parts = {}  # reuse? -> (first [b], cache, breakdown_ms, compile_ms, others_ms, computed tokens [b])
         if groups[False]:
             rows = groups[False]
             first, cache, prefill_ms, compile_ms = self.runner.prefill([calls[r].ids for r in rows], capacity, prefill_key)
-            start = time.perf_counter()
-            for i, r in enumerate(rows):
-                self.strategy.after_dense(self.context, calls[r], cache, i)
-            after_ms = (ready(self.pools) - start) * 1e3 / len(rows) if self.strategy.uses_anchors else 0.0
-            parts[False] = (first, cache, {"prefill": prefill_ms}, compile_ms, after_ms)
+            after_ms = self._record_deltas([calls[r] for r in rows], cache, [range(len(calls[r].layout.placeholders)) for r in rows])
+            parts[False] = (first, cache, {"prefill": prefill_ms}, compile_ms, after_ms, [0] * len(rows))
         if groups[True]:
             rows = groups[True]
-            first, cache, breakdown, compile_ms = self.reuse_prefill([calls[r] for r in rows], capacity, prefill_key)
-            parts[True] = (first, cache, breakdown, compile_ms, 0.0)
+            first, cache, breakdown, compile_ms, computed = self.reuse_prefill(
+                [calls[r] for r in rows], [plans[r] for r in rows], capacity, prefill_key
+            )
+            after_ms = self._record_deltas([calls[r] for r in rows], cache, [plans[r].exact for r in rows])
+            parts[True] = (first, cache, breakdown, compile_ms, after_ms, computed)
 
         order = groups[False] + groups[True]  # rows of the concatenated parts
         first = jnp.concatenate([parts[k][0] for k in (False, True) if k in parts])  # [B]
@@ -261,22 +295,23 @@ class KVCommEngine:
         if order != sorted(order):  # back to request order
             inverse = jnp.asarray(sorted(range(len(order)), key=order.__getitem__), jnp.int32)
             first, cache = first[inverse], take_rows(cache, inverse)
-        fidelity = self._run_probes(calls, [d.reuse for d in decisions], cache, first, prefill_key)
+        fidelity = self._run_probes(calls, [p.reuses for p in plans], cache, first, prefill_key)
         lengths = [len(c.ids) for c in calls]
         responses, cache = self.runner.decode(first, lengths, cache, decode_key)
         publish_ms = self._publish_responses(requests, agent_id, responses, lengths, cache)
         first = jax.device_get(first)
         records = []
-        for row, (request, call, decision) in enumerate(zip(requests, calls, decisions)):
-            _, _, breakdown, compile_ms, after_ms = parts[decision.reuse]
-            n = len(call.ids)
+        for row, (request, call, plan) in enumerate(zip(requests, calls, plans)):
+            _, _, breakdown, compile_ms, after_ms, computed = parts[plan.reuses]
+            n, computed = len(call.ids), computed[groups[plan.reuses].index(row)]
             record = CallRecord(
                 request=request.index,
                 agent_id=agent_id,
-                path="reuse" if decision.reuse else "dense",
-                reason=decision.reason,
+                path=plan.path,
+                reason=plan.reason,
                 prompt_tokens=n,
-                reused_tokens=n - 1 if decision.reuse else 0,
+                reused_tokens=n - computed if plan.reuses else 0,
+                recomputed_tokens=computed,
                 ttft_ms=sum(breakdown.values()),
                 breakdown_ms=dict(breakdown),
                 compile_ms=compile_ms,
@@ -289,6 +324,15 @@ class KVCommEngine:
             request.records.append(record)
             records.append(record)
         return records
+
+    def _record_deltas(self, calls: Sequence[PreparedCall], cache: KVCache, placeholders) -> float:
+        """Deviations for new anchors among each row's ``placeholders`` computed in context; ms per row (outside TTFT)."""
+        if not self.strategy.uses_anchors or not any(placeholders):
+            return 0.0
+        start = time.perf_counter()
+        for row, (call, mine) in enumerate(zip(calls, placeholders)):
+            self.strategy.record(self.context, call, cache, row, mine)
+        return (ready(self.pools) - start) * 1e3 / len(calls)
 
     def _run_probes(self, calls, reused: Sequence[bool], cache: KVCache, first, key) -> list[dict | None]:
         """Each probe on its rows (the reuse rows, or every row when it says ``all_calls``); merged per row."""
@@ -312,7 +356,7 @@ class KVCommEngine:
         contents = [Content(tuple(response)) for response in responses]
         for request, content in zip(requests, contents):
             request.contents[name] = content
-        if not self.strategy.uses_anchors or name not in self.consumers:
+        if not self.strategy.uses_bases or name not in self.consumers:
             return 0.0
         start = time.perf_counter()
         for row, (content, n) in enumerate(zip(contents, prompt_lengths)):

@@ -18,9 +18,12 @@ ACTIVATION_MASS = 0.9
 
 
 def _masked_softmax(distances: jax.Array, usable: jax.Array) -> jax.Array:
-    """softmax over axis 0 of ``-distances / tau``, unusable anchors at -inf. ``usable`` broadcasts."""
+    """softmax over axis 0 of ``-distances / tau``, unusable anchors at -inf. ``usable`` broadcasts.
+
+    All zero where no anchor is usable (no correction), never nan.
+    """
     logits = jnp.where(usable, -distances / TEMPERATURE, -jnp.inf)
-    return jax.nn.softmax(logits, axis=0)
+    return jnp.where(jnp.any(usable, axis=0, keepdims=True), jax.nn.softmax(logits, axis=0), 0.0)
 
 
 def placeholder_weights(base, anchors, length, usable) -> jax.Array:

@@ -11,16 +11,19 @@ from typing import Sequence
 class CallRecord:
     """One agent call.
 
-    path: "dense" (full prefill) or "reuse" (corrected cache + one-token forward)
+    path: the plan (:data:`kvcomm_jax.kvcomm.plans.PATHS`): "dense" (full prefill), "reuse"
+      (every placeholder reused) or "partial" (reused up to a placeholder, the rest computed)
     prompt_tokens / reused_tokens: prompt length and how many of its KV entries came from reuse
+      (tokens computed in context, the last one included, are not reused)
+    recomputed_tokens: tokens a reuse call computed in context (0 for dense)
     ttft_ms: prefill to first token, warm (compilation excluded); breakdown_ms: its parts
-      ("prefill" for dense; "matching_offset", "assembly", "forward" for reuse)
+      ("prefill" for dense; "matching_offset", "assembly", "selection" when a rule ran, "forward")
     compile_ms: time the call spent compiling new programs, reported apart from TTFT
     others_ms: work the call triggers outside its TTFT: base KV and prediction of its
       question/conditions, deltas recorded after a dense prefill, publishing its response
     fidelity: for reuse calls, what the engine's probes measured (e.g. per-layer relative
       KV error vs dense and whether the first token agrees with the dense prefill's)
-    reason: for a dense call, why it did not reuse
+    reason: when not fully reused, why (the blocking placeholder and its cause)
     """
 
     request: int
@@ -37,17 +40,30 @@ class CallRecord:
     text: str
     fidelity: dict | None = None
     reason: str | None = None
+    recomputed_tokens: int = 0
 
 
 def reuse_rate(records: Sequence[CallRecord]) -> float:
-    """Reuse calls / all agent calls (the paper's definition; decision agent included)."""
+    """Fully reused calls / all agent calls (the paper's definition; decision agent included)."""
     return sum(r.path == "reuse" for r in records) / len(records) if records else 0.0
 
 
+def partial_reuse_rate(records: Sequence[CallRecord]) -> float:
+    """Partly reused calls / all agent calls."""
+    return sum(r.path == "partial" for r in records) / len(records) if records else 0.0
+
+
 def token_reuse_rate(records: Sequence[CallRecord]) -> float:
-    """Reused prompt tokens / all prompt tokens."""
+    """Reused prompt tokens (not computed in context) / all prompt tokens."""
     total = sum(r.prompt_tokens for r in records)
     return sum(r.reused_tokens for r in records) / total if total else 0.0
+
+
+def recomputed_token_rate(records: Sequence[CallRecord]) -> float:
+    """Tokens computed in context by reuse calls / those calls' prompt tokens."""
+    reusing = [r for r in records if r.path != "dense"]
+    total = sum(r.prompt_tokens for r in reusing)
+    return sum(r.recomputed_tokens for r in reusing) / total if total else 0.0
 
 
 def ttft_summary(records: Sequence[CallRecord], agent_ids: Sequence[int]) -> dict:

@@ -14,12 +14,14 @@ class Content:
     """One placeholder's content within one request.
 
     ids: its token ids; base: its base KV (frame 0), computed when the strategy uses anchors;
-    becomes_anchor: the anchor prediction (docs/design.md §8); slot: its pool slot once stored as an anchor.
+    becomes_anchor: the anchor prediction (docs/design.md §8), and anchor_reason why when it is one;
+    slot: its pool slot once stored as an anchor.
     """
 
     ids: tuple[int, ...]
     base: SegmentKV | None = None
     becomes_anchor: bool | None = None
+    anchor_reason: str | None = None
     slot: int | None = None
 
 

@@ -177,3 +177,24 @@ def assemble_cache_batch(prefix0: SegmentKV, segments, starts, num_cached, *, ca
         positions=rows.positions[:, 0],  # [B, S]
         lengths=rows.lengths[:, 0],  # [B]
     )
+
+
+@functools.partial(jax.jit, static_argnames=("capacity",))
+def correction_sizes(corrected, inputs: tuple[PlaceholderInputs, ...], starts, *, capacity: int):
+    """How much the correction moved each reused token: ``[B, capacity]`` float32, 0 outside the segments.
+
+    Per token, the norm over layers, heads and channels of ``corrected - base`` values.
+    ``corrected``: :func:`correct_segments_batch`'s pairs for ``inputs``; ``starts [B, 2P]``
+    where each segment begins (prompt order, as for :func:`assemble_cache_batch`).
+    """
+    def size(segment: SegmentKV, base_values):  # [B, L, H, T, D] -> [B, T]
+        moved = segment.values.astype(jnp.float32) - base_values.astype(jnp.float32)
+        return jnp.sqrt(jnp.sum(jnp.square(moved), axis=(1, 2, 4)))
+
+    sizes = []
+    for (content, prefix), p in zip(corrected, inputs):
+        sizes += [size(content, p.content.values), size(prefix, p.prefix.values[None])]
+    out = jnp.zeros((starts.shape[0], capacity), jnp.float32)  # [B, S]
+    for i, s in enumerate(sizes):
+        out = jax.vmap(lambda row, new, at: jax.lax.dynamic_update_slice_in_dim(row, new, at, axis=0))(out, s, starts[:, i])
+    return out

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from kvcomm_jax.kvcomm.config import EngineConfig
@@ -70,19 +71,28 @@ class ModelRunner:
         (first, cache), ms, compile_ms = timed(step)
         return first, cache, ms, compile_ms
 
-    def forward_last_tokens(self, prompts: Sequence[Sequence[int]], cache: KVCache, key):
-        """The reuse call's model step: each prompt's last token over its row of ``cache`` (which holds the others).
+    def recompute(self, prompts: Sequence[Sequence[int]], targets, counts, cache: KVCache, key):
+        """The reuse call's model step: each row's prompt tokens at slots ``targets [B, T]`` computed in context.
 
-        ``cache`` is donated (its buffers become the returned cache's). Returns
+        ``cache`` holds every prompt token of its rows (``lengths`` = prompt lengths); the
+        ``counts [B]`` first targets of each row (ascending, the last prompt token last) are
+        recomputed in one forward (see :func:`kvcomm_jax.model.transformer.forward`), and
+        the first response token is sampled after the last. ``cache`` is donated. Returns
         ``(first_tokens [B], cache, ms, compile_ms)``.
         """
-        tokens = jnp.asarray([[ids[-1]] for ids in prompts], jnp.int32)  # [B, 1]
-        positions = jnp.asarray([[len(ids) - 1] for ids in prompts], jnp.int32)  # [B, 1]
-        num_new = jnp.ones((len(prompts),), jnp.int32)
-        signature = (tokens.shape, cache.keys.shape, str(cache.keys.dtype))
-        (first, _, cache), ms, compile_ms = timed_donating(
-            lambda c: self._forward(tokens, positions, num_new, c, key, fresh=False), cache, signature, self._warm
-        )
+        ids = np.zeros((len(prompts), cache.capacity), np.int32)  # [B, S]
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = prompt
+        ids, targets, counts = jnp.asarray(ids), jnp.asarray(targets, jnp.int32), jnp.asarray(counts, jnp.int32)
+        signature = (targets.shape, cache.keys.shape, str(cache.keys.dtype))
+
+        def step(c):
+            tokens = jnp.take_along_axis(ids, targets, axis=1)  # [B, T]
+            return prefill(
+                self.model.params, tokens, targets, counts, c, key, self.model.config, self.config.sampling, targets=targets
+            )
+
+        (first, _, cache), ms, compile_ms = timed_donating(step, cache, signature, self._warm)
         return first, cache, ms, compile_ms
 
     def decode(self, first, prompt_lengths: Sequence[int], cache: KVCache, key) -> tuple[list[list[int]], KVCache]:

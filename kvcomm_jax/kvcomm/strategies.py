@@ -1,14 +1,18 @@
-"""Reuse strategies: how an agent call gets its cache (docs/design.md §9).
+"""Reuse strategies: how an agent call gets its cache (docs/design.md §9 and §12).
 
-A strategy decides, per call, between a dense prefill and reuse; builds the reuse
-cache (every prompt token but the last); and learns after a dense call and after
-each response. The engine only orchestrates. A new method (a selective-recompute
-baseline, a hybrid) is one new class registered in :data:`STRATEGIES`.
+A strategy plans each call (:class:`~kvcomm_jax.kvcomm.plans.Plan`: dense, full reuse
+or partial reuse, and which tokens are computed in context); builds the reuse cache of
+the whole prompt, with an optional per-slot score that a selection rule ranks tokens
+by; and learns after a call and after each response. The engine only orchestrates.
+A new method is one new class registered in :data:`STRATEGIES`.
 
 * :class:`Dense`: always a dense prefill; no anchors, no base KV.
-* :class:`KVComm`: the method: matching + offset correction + re-rotation.
-* :class:`RotateOnly`: the same decisions as :class:`KVComm`, but reused KV is only
-  re-positioned, never corrected (the ablation).
+* :class:`KVComm`: the method: matching + offset correction + re-rotation; its selection
+  rule recomputes the tokens the correction moved most.
+* :class:`RotateOnly`: :class:`KVComm`'s plans, but reused KV is only re-positioned,
+  never corrected (the ablation); no selection rule.
+* :class:`CacheBlend`: every content re-positioned from its own base KV, no anchors, and
+  CacheBlend's selection rule (:mod:`kvcomm_jax.kvcomm.cacheblend`).
 """
 
 from __future__ import annotations
@@ -16,15 +20,20 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Sequence
 
+import jax
 import jax.numpy as jnp
 
+from kvcomm_jax.kvcomm.cacheblend import first_layers_deviation
+from kvcomm_jax.kvcomm.plans import Plan, plan_call
 from kvcomm_jax.kvcomm.reuse import (
     PlaceholderInputs,
     assemble_cache_batch,
     correct_segments_batch,
+    correction_sizes,
 )
 from kvcomm_jax.kvcomm.segments import segment_difference, stack_rows
-from kvcomm_jax.kvcomm.timing import timed
+from kvcomm_jax.kvcomm.timing import timed, timed_donating
+from kvcomm_jax.model.generation import pad_prompts
 
 if TYPE_CHECKING:
     from kvcomm_jax.kvcomm.anchor_store import AnchorStore
@@ -44,18 +53,18 @@ class ReuseContext:
 
 
 @dataclasses.dataclass(frozen=True)
-class Decision:
-    """Reuse or not; when not, ``reason`` says why (which placeholder, what was missing)."""
-
-    reuse: bool
-    reason: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
 class BuiltCache:
-    """A reuse cache and what building it cost: warm milliseconds per part, and compile time."""
+    """A reuse cache and what building it cost.
+
+    cache: ``[L, B, H, S, D]`` holding every prompt token (``lengths`` = prompt lengths);
+      the slots a plan computes hold placeholders until the reuse forward writes them
+    scores: ``[B, S]`` float32 the selection rule ranks approximated slots by (larger:
+      recompute first), or None without a selection rule
+    timings_ms: warm milliseconds per part; compile_ms: time spent compiling
+    """
 
     cache: "KVCache"
+    scores: jax.Array | None
     timings_ms: dict
     compile_ms: float
 
@@ -65,14 +74,17 @@ class Dense:
 
     name = "dense"
     uses_anchors = False
+    uses_bases = False
+    selects = False
+    default_ratio = 0.0
 
-    def decide(self, ctx: ReuseContext, call: "PreparedCall") -> Decision:
-        return Decision(False, "dense mode")
+    def decide(self, ctx: ReuseContext, call: "PreparedCall") -> Plan:
+        return Plan("dense", "dense mode")
 
-    def build_cache(self, ctx: ReuseContext, calls: Sequence["PreparedCall"], capacity: int) -> BuiltCache:
+    def build_cache(self, ctx: ReuseContext, calls, capacity: int) -> BuiltCache:
         raise ValueError("the dense strategy never reuses")
 
-    def after_dense(self, ctx: ReuseContext, call: "PreparedCall", cache: "KVCache", row: int) -> None:
+    def record(self, ctx: ReuseContext, call: "PreparedCall", cache: "KVCache", row: int, placeholders) -> None:
         pass
 
     def after_response(self, ctx: ReuseContext, name: str, contents: Sequence["Content"]) -> None:
@@ -80,55 +92,92 @@ class Dense:
 
 
 class KVComm:
-    """Reuse when every placeholder's content is shareable and this agent's deltas exist (docs/design.md §6-9)."""
+    """Reuse every placeholder whose content is shareable and has this agent's deltas (docs/design.md §6-9, §12)."""
 
     name = "kvcomm"
     uses_anchors = True
+    uses_bases = True
+    selects = True
+    default_ratio = 0.0
     apply_offsets = True
 
-    def decide(self, ctx: ReuseContext, call: "PreparedCall") -> Decision:
-        for name, content in call.contents.items():
+    def blockers(self, ctx: ReuseContext, call: "PreparedCall") -> list[str | None]:
+        """Per placeholder (template order): why it cannot be reused, or None."""
+        out = []
+        for name in call.layout.placeholders:
+            content = call.contents[name]
             if content.becomes_anchor:
-                return Decision(False, f"{{{name}}}: predicted a new anchor")
-            if not ctx.anchors.usable(name, call.agent_id, len(content.ids)).any():
-                return Decision(False, f"{{{name}}}: no anchor holds agent {call.agent_id}'s deltas and is long enough")
-        return Decision(True)
+                out.append(f"{{{name}}}: predicted a new anchor ({content.anchor_reason})")
+            else:
+                out.append(ctx.anchors.unusable_reason(name, call.agent_id, len(content.ids)))
+        return out
 
-    def build_cache(self, ctx: ReuseContext, calls: Sequence["PreparedCall"], capacity: int) -> BuiltCache:
-        """The cache ``[L, B, H, capacity, D]`` of every prompt token but the last, one row per call.
+    def decide(self, ctx: ReuseContext, call: "PreparedCall") -> Plan:
+        config = ctx.runner.config
+        return plan_call(
+            call.layout, self.blockers(ctx, call), partial_reuse=config.partial_reuse, exact_question=config.exact_question
+        )
 
-        The calls are one agent's (one template). Two jitted calls for the whole batch:
-        matching + offsets for every placeholder, then assembly.
-        """
+    def _inputs(self, ctx: ReuseContext, calls: Sequence["PreparedCall"]) -> tuple[PlaceholderInputs, ...]:
         agent = calls[0].agent_id
         template_kv = ctx.templates.kv(agent)
-        placeholders = calls[0].layout.placeholders
-        inputs = tuple(
+        return tuple(
             PlaceholderInputs(
                 content=stack_rows([c.contents[name].base for c in calls]),
                 prefix=template_kv.prefix(i + 1),
                 content_start=jnp.asarray([c.layout.content(i).start for c in calls], jnp.int32),  # [B]
                 prefix_start=jnp.asarray([c.layout.prefix(i + 1).start for c in calls], jnp.int32),
-                anchors=ctx.anchors.inputs_for(name, agent, [c.contents[name] for c in calls]),
+                anchors=ctx.anchors.inputs_for(
+                    name, agent, [c.contents[name] for c in calls], template_kv.prefix(i + 1).bucket
+                ),
             )
-            for i, name in enumerate(placeholders)
+            for i, name in enumerate(calls[0].layout.placeholders)
         )
+
+    def _assemble(self, ctx: ReuseContext, calls: Sequence["PreparedCall"], capacity: int):
+        """Corrected (or re-positioned) segments assembled into the cache of every prompt token.
+
+        Two jitted calls for the whole batch: matching + offsets for every placeholder,
+        then assembly. Returns ``(BuiltCache without scores, corrected pairs, inputs, starts [B, 2P])``.
+        """
+        inputs = self._inputs(ctx, calls)
         impl = ctx.runner.config.impl
         corrected, matching_ms, compile_matching = timed(
             lambda: correct_segments_batch(inputs, ctx.runner.rope, apply_offsets=self.apply_offsets, impl=impl)
         )
         segments = [segment for pair in corrected for segment in pair]
         starts = jnp.asarray([[span.start for span in c.layout.after_prefix0()] for c in calls], jnp.int32)  # [B, 2P]
-        num_cached = jnp.asarray([len(c.ids) - 1 for c in calls], jnp.int32)  # [B]
-        cache, assembly_ms, compile_assembly = timed(lambda: assemble_cache_batch(
-            template_kv.prefix(0), segments, starts, num_cached, capacity=capacity
-        ))
-        return BuiltCache(cache, {"matching_offset": matching_ms, "assembly": assembly_ms}, compile_matching + compile_assembly)
+        lengths = jnp.asarray([len(c.ids) for c in calls], jnp.int32)  # [B]
+        prefix0 = ctx.templates.kv(calls[0].agent_id).prefix(0)
+        cache, assembly_ms, compile_assembly = timed(
+            lambda: assemble_cache_batch(prefix0, segments, starts, lengths, capacity=capacity)
+        )
+        built = BuiltCache(
+            cache, None, {"matching_offset": matching_ms, "assembly": assembly_ms}, compile_matching + compile_assembly
+        )
+        return built, corrected, inputs, starts
 
-    def after_dense(self, ctx: ReuseContext, call: "PreparedCall", cache: "KVCache", row: int) -> None:
-        """Store ``real - base`` deviations (from ``row`` of ``cache``) for the contents predicted to be anchors."""
+    def build_cache(self, ctx: ReuseContext, calls: Sequence["PreparedCall"], capacity: int) -> BuiltCache:
+        """The cache ``[L, B, H, capacity, D]`` of every prompt token, one row per call of one agent.
+
+        With a recompute ratio above 0, the scores are how far the correction moved each
+        token (:func:`~kvcomm_jax.kvcomm.reuse.correction_sizes`).
+        """
+        built, corrected, inputs, starts = self._assemble(ctx, calls, capacity)
+        if not self.selects or recompute_ratio(ctx, self) == 0:
+            return built
+        scores, ms, compile_ms = timed(lambda: correction_sizes(corrected, inputs, starts, capacity=capacity))
+        return BuiltCache(built.cache, scores, {**built.timings_ms, "selection": ms}, built.compile_ms + compile_ms)
+
+    def record(self, ctx: ReuseContext, call: "PreparedCall", cache: "KVCache", row: int, placeholders) -> None:
+        """Store ``real - base`` deviations (from ``row`` of ``cache``) for ``placeholders`` whose content is a new anchor.
+
+        ``placeholders``: indices whose content and following prefix ``cache`` holds as
+        computed in context (all of them after a dense prefill).
+        """
         template_kv = ctx.templates.kv(call.agent_id)
-        for i, name in enumerate(call.layout.placeholders):
+        for i in placeholders:
+            name = call.layout.placeholders[i]
             content = call.contents[name]
             if not content.becomes_anchor:
                 continue
@@ -146,11 +195,54 @@ class KVComm:
 
 
 class RotateOnly(KVComm):
-    """:class:`KVComm`'s decisions, but reused KV is only re-positioned (no offsets)."""
+    """:class:`KVComm`'s plans, but reused KV is only re-positioned (no offsets, no selection rule)."""
 
     name = "rotate_only"
     apply_offsets = False
+    selects = False
 
 
-STRATEGIES = {cls.name: cls for cls in (Dense, KVComm, RotateOnly)}
+class CacheBlend(KVComm):
+    """Every content re-positioned from its own base KV, plus CacheBlend's recomputation (no anchors).
+
+    All placeholders are always reused (so partial reuse never applies); the selection
+    scores are the layer-1 value deviations of :func:`~kvcomm_jax.kvcomm.cacheblend.first_layers_deviation`,
+    which also puts fresh layer 0-1 KV of every token into the cache.
+    """
+
+    name = "cacheblend"
+    uses_anchors = False
+    apply_offsets = False
+    default_ratio = 0.15
+
+    def __init__(self):
+        self._warm: set = set()  # signatures of the donating selection step already compiled
+
+    def blockers(self, ctx: ReuseContext, call: "PreparedCall") -> list[str | None]:
+        return [None] * len(call.layout.placeholders)
+
+    def build_cache(self, ctx: ReuseContext, calls: Sequence["PreparedCall"], capacity: int) -> BuiltCache:
+        built, _, _, _ = self._assemble(ctx, calls, capacity)
+        tokens, _, lengths = pad_prompts([c.ids for c in calls])  # [B, T], [B]
+        model = ctx.runner.model
+        signature = (tokens.shape, built.cache.keys.shape, str(built.cache.keys.dtype))
+        (cache, scores), ms, compile_ms = timed_donating(
+            lambda c: first_layers_deviation(model.params, tokens, lengths, c, model.config), built.cache, signature, self._warm
+        )
+        return BuiltCache(cache, scores, {**built.timings_ms, "selection": ms}, built.compile_ms + compile_ms)
+
+    def record(self, ctx: ReuseContext, call: "PreparedCall", cache: "KVCache", row: int, placeholders) -> None:
+        pass
+
+    def after_response(self, ctx: ReuseContext, name: str, contents: Sequence["Content"]) -> None:
+        pass
+
+
+def recompute_ratio(ctx: ReuseContext, strategy) -> float:
+    """The fraction of approximated tokens ``strategy`` recomputes under the engine's settings."""
+    ratio = ctx.runner.config.recompute_ratio
+    return strategy.default_ratio if ratio is None else ratio
+
+
+STRATEGIES = {cls.name: cls for cls in (Dense, KVComm, RotateOnly, CacheBlend)}
 MODES = tuple(STRATEGIES)
