@@ -41,6 +41,16 @@ def _list_of(parse_item):
     return parse
 
 
+def _ratio(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--recompute-ratio must be a number, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"--recompute-ratio must be in [0, 1], got {value}")
+    return value
+
+
 def _mode(text):
     if text not in MODES:
         raise argparse.ArgumentTypeError(f"unknown mode {text!r} (known: {', '.join(MODES)})")
@@ -97,7 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=128)
     pl.add_argument("--batch-size", type=_positive("--batch-size"), default=1,
                     help="questions run together; each agent's calls for them are one batched step")
-    pl.add_argument("--no-fidelity", action="store_true", help="skip the untimed dense check of reuse calls")
+    pl.add_argument("--no-fidelity", action="store_true", help="skip the untimed dense checks of reuse calls (speed runs)")
+    pl.add_argument("--no-partial-reuse", action="store_true",
+                    help="the paper's all-or-nothing decision: a blocked placeholder makes the call dense")
+    pl.add_argument("--exact-question", action="store_true",
+                    help="compute the question in context when it directly follows prefix 0")
+    pl.add_argument("--recompute-ratio", type=_ratio, default=None,
+                    help="share of approximated tokens a reuse call also recomputes, chosen by the mode's rule "
+                         "(kvcomm: largest correction, default 0; cacheblend: largest layer-1 deviation, default 0.15)")
     pl.add_argument("--json")
     pl.add_argument("--plot")
     pl.add_argument("--mesh", help="device mesh, e.g. data=2,model=4 (product = number of devices)")
@@ -189,7 +206,8 @@ def _pipeline(args):
     model = load_model(args.model, args.dtype)
     config = EngineConfig(
         gamma=args.gamma, anchor_capacity=args.anchors, eviction_window=args.window,
-        max_new_tokens=args.max_new_tokens, impl=args.impl,
+        max_new_tokens=args.max_new_tokens, impl=args.impl, partial_reuse=not args.no_partial_reuse,
+        exact_question=args.exact_question, recompute_ratio=args.recompute_ratio,
     )
     summary, results = run_pipeline(
         model, task, graph, examples, MODE_CHOICES[args.mode], config,
@@ -198,7 +216,9 @@ def _pipeline(args):
     payload = {
         "task": args.task, "model": model.source, "agents": args.agents, "graph": args.graph, "rounds": args.rounds,
         "questions": len(examples), "offset": args.offset, "gamma": args.gamma, "anchors": args.anchors,
-        "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "mesh": args.mesh, **summary,
+        "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "mesh": args.mesh,
+        "partial_reuse": not args.no_partial_reuse, "exact_question": args.exact_question,
+        "recompute_ratio": args.recompute_ratio, **summary,
         "calls": {
             mode: [
                 {"question": row.example_id, "answer": row.answer, "correct": row.correct,

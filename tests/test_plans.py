@@ -8,7 +8,12 @@ import pytest
 from kvcomm_jax.kvcomm.cacheblend import CHECK_LAYER, first_layers_deviation
 from kvcomm_jax.kvcomm.engine import EngineConfig, KVCommEngine
 from kvcomm_jax.kvcomm.layout import Layout, Span
-from kvcomm_jax.kvcomm.plans import add_selected, plan_call, plan_targets, selection_candidates
+from kvcomm_jax.kvcomm.plans import (
+    add_selected,
+    plan_call,
+    plan_targets,
+    selection_candidates,
+)
 from kvcomm_jax.kvcomm.templates import AgentPrompt
 from kvcomm_jax.model.generation import pad_prompts
 from kvcomm_jax.model.registry import load_model
@@ -218,3 +223,15 @@ def test_real_model_partial_and_exact_plans_are_exact_where_computed():
     assert plan.path == "reuse" and plan.exact == (0,)  # the question is new: it and prefix 1 are computed
     _assert_equals_dense(cache, dense, len(call.ids), tol=1e-4)
     assert int(first[0]) == int(dense_first[0])
+
+
+def test_pool_telemetry_counts_anchors_hits_and_evictions():
+    engine = KVCommEngine(tiny_loaded_model(), PROMPTS, EngineConfig(max_new_tokens=4, gamma=0.0, anchor_capacity=2))
+    for question in QUESTIONS + (SHORT_QUESTION,):  # gamma 0: every content becomes an anchor
+        request = engine.new_request(question)
+        engine.run_agent(request, 0)
+    stats = engine.anchors.stats()["user_question"]
+    assert stats["anchors"] == 2 and stats["slots"] == 2 and len(stats["hits"]) == 2
+    assert stats["evictions"] == 2  # the third and fourth questions each replaced one
+    pool = engine.pools["user_question"]
+    assert stats["bytes"] == sum(leaf.nbytes for leaf in jax.tree.leaves(pool)) > pool.keys.nbytes

@@ -58,6 +58,7 @@ class AnchorStore:
         self.config = config
         self.capacity, self.window, self.gamma, self.mesh = capacity, window, gamma, mesh
         self.pools: dict[str, AnchorPool] = {}
+        self.evictions: dict[str, int] = {}  # anchors replaced by a new one, per placeholder
 
     def _set(self, name: str, pool: AnchorPool) -> AnchorPool:
         self.pools[name] = sharding.place(pool, self.mesh)  # growth changes shapes: lay out again
@@ -121,6 +122,8 @@ class AnchorStore:
         length = len(content.ids)
         pool = self.pool(name, length)
         if content.slot is None:
+            if pool.slots == self.capacity and np.asarray(pool.valid).all():
+                self.evictions[name] = self.evictions.get(name, 0) + 1
             pool, content.slot = insert_anchor(pool, content.base.keys, content.base.values, length, self.window)
             pool = self._set(name, pool)
         pool = record_deltas(
@@ -151,6 +154,20 @@ class AnchorStore:
             usable=sharding.place(usable, self.mesh),
             deltas=pool.consumers[str(consumer)],
         )
+
+    def stats(self) -> dict:
+        """Per placeholder: anchors held, hits (activations) per held anchor, evictions, slots and bytes allocated."""
+        out = {}
+        for name, pool in self.pools.items():
+            held = np.asarray(pool.valid)
+            out[name] = {
+                "anchors": int(held.sum()),
+                "hits": np.asarray(pool.activations)[held].tolist(),
+                "evictions": self.evictions.get(name, 0),
+                "slots": pool.slots,
+                "bytes": sum(leaf.nbytes for leaf in jax.tree.leaves(pool)),
+            }
+        return out
 
     def replace_all(self, pools: dict[str, AnchorPool]) -> None:
         """Replace every pool (e.g. restored from a checkpoint), checking they fit the model."""
