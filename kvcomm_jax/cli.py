@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the paper's all-or-nothing decision: a blocked placeholder makes the call dense")
     pl.add_argument("--exact-question", action="store_true",
                     help="compute the question in context when it directly follows prefix 0")
+    pl.add_argument("--anchor-coverage", action="store_true",
+                    help="anchors shorter than a content serve the tokens they cover (the rest is computed)")
     pl.add_argument("--recompute-ratio", type=_ratio, default=None,
                     help="share of approximated tokens a reuse call also recomputes, chosen by the mode's rule "
                          "(kvcomm: largest correction, default 0; cacheblend: largest layer-1 deviation, default 0.15)")
@@ -207,7 +209,7 @@ def _pipeline(args):
     config = EngineConfig(
         gamma=args.gamma, anchor_capacity=args.anchors, eviction_window=args.window,
         max_new_tokens=args.max_new_tokens, impl=args.impl, partial_reuse=not args.no_partial_reuse,
-        exact_question=args.exact_question, recompute_ratio=args.recompute_ratio,
+        exact_question=args.exact_question, recompute_ratio=args.recompute_ratio, anchor_coverage=args.anchor_coverage,
     )
     summary, results = run_pipeline(
         model, task, graph, examples, MODE_CHOICES[args.mode], config,
@@ -218,7 +220,7 @@ def _pipeline(args):
         "questions": len(examples), "offset": args.offset, "gamma": args.gamma, "anchors": args.anchors,
         "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "mesh": args.mesh,
         "partial_reuse": not args.no_partial_reuse, "exact_question": args.exact_question,
-        "recompute_ratio": args.recompute_ratio, **summary,
+        "recompute_ratio": args.recompute_ratio, "anchor_coverage": args.anchor_coverage, **summary,
         "calls": {
             mode: [
                 {"question": row.example_id, "answer": row.answer, "correct": row.correct,

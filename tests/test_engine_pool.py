@@ -111,7 +111,7 @@ def test_matching_weights_ignore_unusable_anchors_and_padding():
     base = _kv(1.0)
     anchors = jnp.stack([_kv(1.0, 16), _kv(1.0, 16), _kv(50.0, 16)])  # [3, L, H, 16, D]
     usable = jnp.asarray([True, False, True])
-    w = placeholder_weights(base, anchors, 5, usable)  # [3, 1, 1, 8, 1]
+    w = placeholder_weights(base, anchors, 5, usable, jnp.asarray([16, 16, 16]))  # [3, 1, 1, 8, 1]
     assert w.shape == (3, 1, 1, 8, 1)
     np.testing.assert_allclose(w[:, 0, 0, :5, 0], [[1.0] * 5, [0.0] * 5, [0.0] * 5], atol=1e-6)
     assert float(jnp.abs(w[:, 0, 0, 5:, 0]).sum()) == 0.0
@@ -128,3 +128,29 @@ def test_prefix_weights_compare_against_each_anchors_last_tokens():
     anchors = jnp.stack([first_half_match, last_half_match])
     pw = prefix_weights(base, anchors, 4, jnp.asarray([8, 8]), jnp.asarray([True, True]))
     assert float(pw[1].min()) > 0.99
+
+
+def test_short_anchors_serve_only_the_tokens_they_cover():
+    base = _kv(1.0)
+    anchors = jnp.stack([_kv(1.0, 16), _kv(1.0, 16)])  # [2, L, H, 16, D]
+    w = placeholder_weights(base, anchors, 8, jnp.asarray([True, True]), jnp.asarray([3, 6]))
+    np.testing.assert_allclose(w[:, 0, 0, :, 0], [[0.5] * 3 + [0.0] * 5, [0.5] * 3 + [1.0] * 3 + [0.0] * 2], atol=1e-6)
+
+
+def test_prefix_weights_scale_a_short_anchors_distance_to_the_full_length():
+    base = _kv(2.0, 8)
+    short = _kv(3.0, 8)  # differs by 1 everywhere, but holds only 2 tokens
+    full = _kv(3.0, 8)  # differs by 1 over all 4 compared tokens
+    pw = prefix_weights(base, jnp.stack([short, full]), 4, jnp.asarray([2, 8]), jnp.asarray([True, True]))
+    np.testing.assert_allclose(pw[:, 0, 0, 0, 0], [0.5, 0.5], atol=1e-6)  # same per-token distance, same weight
+
+
+def test_coverage_lets_shorter_anchors_pass_the_length_gate():
+    pool = _pool(capacity=4)
+    for value in (1.0, 1.02, 5.0):
+        pool, _ = insert_anchor(pool, _kv(value, 4), _kv(value, 4), 4, window=2)  # 4-token anchors
+    content = _kv(1.01)
+    becomes, _, _ = predict(content, 8, pool.values, pool.lengths, pool.valid, 1.0)
+    assert bool(becomes)  # the paper's gate: no anchor is 8 tokens long
+    becomes, increments, _ = predict(content, 8, pool.values, pool.lengths, pool.valid, 1.0, coverage=True)
+    assert not bool(becomes) and increments.tolist()[2] == 0

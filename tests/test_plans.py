@@ -1,5 +1,7 @@
 """Reuse plans: partial reuse, exact question, selective recompute and CacheBlend, on the recompute forward."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -235,3 +237,27 @@ def test_pool_telemetry_counts_anchors_hits_and_evictions():
     assert stats["evictions"] == 2  # the third and fourth questions each replaced one
     pool = engine.pools["user_question"]
     assert stats["bytes"] == sum(leaf.nbytes for leaf in jax.tree.leaves(pool)) > pool.keys.nbytes
+
+
+def test_uncovered_tokens_of_a_reused_content_are_computed():
+    plan = plan_call(LAYOUT, [None, None], partial_reuse=True, exact_question=False, uncovered=[Span(20, 5)])
+    assert (plan.path, plan.spans) == ("reuse", (Span(20, 5), Span(27, 1)))
+
+
+def test_anchor_coverage_reuses_a_content_longer_than_every_anchor():
+    """Anchors from short questions serve a longer one: its uncovered tail is computed in context."""
+    config = EngineConfig(max_new_tokens=4, gamma=10.0, anchor_coverage=True)
+    engine = KVCommEngine(tiny_loaded_model(), PROMPTS, config)
+    for question in (SHORT_QUESTION, "A cat has 4 legs. How many legs do 2 big cats have?"):
+        request = engine.new_request(question)
+        engine.run_agent(request, 0)
+    request = engine.new_request(QUESTIONS[1])  # longer than both anchors
+    call = engine.prepare_call(request, 0)
+    question = call.layout.content(0)
+    covered = engine.anchors.covered("user_question", 0, question.length)
+    assert 0 < covered < question.length
+    plan = engine.strategy.decide(engine.context, call)
+    assert plan.path == "reuse" and Span(question.start + covered, question.length - covered) in plan.spans
+    gated = KVCommEngine(tiny_loaded_model(), PROMPTS, dataclasses.replace(config, anchor_coverage=False))
+    gated.anchors.pools = engine.anchors.pools
+    assert gated.strategy.decide(gated.context, call).path == "partial"  # the paper's gate blocks it

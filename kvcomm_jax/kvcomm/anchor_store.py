@@ -52,11 +52,13 @@ class AnchorStore:
       capacity: V, anchors per placeholder; window: W, the oldest anchors considered for eviction.
       gamma: entropy threshold of anchor prediction.
       mesh: where the pools live (see :mod:`kvcomm_jax.scale.sharding`).
+      coverage: anchors shorter than a content may serve the tokens they cover (the paper's
+        length gate asks every anchor to be at least as long as the content).
     """
 
-    def __init__(self, config: ModelConfig, *, capacity: int, window: int, gamma: float, mesh: Mesh):
+    def __init__(self, config: ModelConfig, *, capacity: int, window: int, gamma: float, mesh: Mesh, coverage: bool = False):
         self.config = config
-        self.capacity, self.window, self.gamma, self.mesh = capacity, window, gamma, mesh
+        self.capacity, self.window, self.gamma, self.mesh, self.coverage = capacity, window, gamma, mesh, coverage
         self.pools: dict[str, AnchorPool] = {}
         self.evictions: dict[str, int] = {}  # anchors replaced by a new one, per placeholder
 
@@ -91,12 +93,14 @@ class AnchorStore:
         """
         pool = self.pool(name, max(len(c.ids) for c in contents))
         predictions = jax.device_get([
-            predict(c.base.values, c.base.length, pool.values, pool.lengths, pool.valid, self.gamma)[:2] for c in contents
+            predict(c.base.values, c.base.length, pool.values, pool.lengths, pool.valid, self.gamma, self.coverage)[:2]
+            for c in contents
         ])
         held = np.asarray(pool.valid)  # [V]
         for content, (becomes_anchor, increments) in zip(contents, predictions):
             content.becomes_anchor = bool(becomes_anchor)
-            content.anchor_reason = _anchor_reason(held, np.asarray(pool.lengths), len(content.ids)) if becomes_anchor else None
+            length = 1 if self.coverage else len(content.ids)
+            content.anchor_reason = _anchor_reason(held, np.asarray(pool.lengths), length) if becomes_anchor else None
             if not content.becomes_anchor:
                 pool = add_activations(pool, increments)
         self.pools[name] = pool
@@ -115,7 +119,12 @@ class AnchorStore:
         """``[V]`` bool: anchors of ``name`` that may correct a ``length``-token content for ``consumer``."""
         if name not in self.pools:
             return np.zeros(0, bool)
-        return self.pools[name].usable_for(consumer, length)
+        return self.pools[name].usable_for(consumer, 1 if self.coverage else length)
+
+    def covered(self, name: str, consumer: int, length: int) -> int:
+        """Leading tokens of a ``length``-token content that some usable anchor covers (all of them without coverage)."""
+        usable = self.usable(name, consumer, length)
+        return min(length, int(np.asarray(self.pools[name].lengths)[usable].max(initial=0)))
 
     def store(self, name: str, content: Content, consumer: int, placeholder_delta: SegmentKV, prefix_delta: SegmentKV) -> None:
         """Record ``consumer``'s deviations for ``content``, inserting the content as an anchor first if it is new."""

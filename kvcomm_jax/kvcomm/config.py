@@ -25,6 +25,9 @@ class EngineConfig:
       rest in the same forward (False: the paper's all-or-nothing decision, a dense prefill)
     exact_question: compute the question in context when it directly follows prefix 0,
       instead of approximating it (its anchor gate then no longer decides the call)
+    anchor_coverage: anchors shorter than a content serve the tokens they cover, and the
+      tokens none covers are computed in context (False: the paper's length gate, every
+      anchor at least as long as the content)
     recompute_ratio: the fraction of approximated tokens a reuse call also recomputes, chosen
       by the strategy's selection rule; None is the strategy's default (0, or CacheBlend's 0.15)
     """
@@ -40,6 +43,7 @@ class EngineConfig:
     ignore_eos: bool = False
     partial_reuse: bool = True
     exact_question: bool = False
+    anchor_coverage: bool = False
     recompute_ratio: float | None = None
 
     def __post_init__(self):

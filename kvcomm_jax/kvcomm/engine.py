@@ -120,7 +120,8 @@ class KVCommEngine:
                 self.consumers.setdefault(name, []).append(agent)
         self.templates = TemplateStore(templates, self.runner)
         self.anchors = AnchorStore(
-            model.config, capacity=config.anchor_capacity, window=config.eviction_window, gamma=config.gamma, mesh=self.mesh
+            model.config, capacity=config.anchor_capacity, window=config.eviction_window, gamma=config.gamma, mesh=self.mesh,
+            coverage=config.anchor_coverage,
         )
         self.context = ReuseContext(self.anchors, self.templates, self.runner)
         tok = model.tokenizer

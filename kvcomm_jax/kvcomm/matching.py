@@ -26,17 +26,20 @@ def _masked_softmax(distances: jax.Array, usable: jax.Array) -> jax.Array:
     return jnp.where(jnp.any(usable, axis=0, keepdims=True), jax.nn.softmax(logits, axis=0), 0.0)
 
 
-def placeholder_weights(base, anchors, length, usable) -> jax.Array:
+def placeholder_weights(base, anchors, length, usable, anchor_lengths) -> jax.Array:
     """Per-token weights ``[A, 1, 1, T, 1]``.
 
-    base: ``[L, H, T, D]``; anchors: ``[A, L, H, Ta, D]`` base KV of each anchor;
-    ``d[a, t] = mean_{l,h,c} |base[l,h,t,c] - anchors[a,l,h,t,c]|`` over the
-    anchor's first T tokens. Tokens ``t >= length`` get weight 0.
+    base: ``[L, H, T, D]``; anchors: ``[A, L, H, Ta, D]`` base KV of each anchor
+    (``anchor_lengths [A]`` valid tokens); ``d[a, t] = mean_{l,h,c} |base[l,h,t,c] -
+    anchors[a,l,h,t,c]|`` over the anchor's first T tokens. Token ``t`` is served only by
+    usable anchors that cover it (``t < anchor_lengths[a]``); a token no anchor covers, and
+    every ``t >= length``, gets weight 0 (no correction).
     """
     T = base.shape[2]
     a = fit_tokens(anchors, T).astype(jnp.float32)  # [A, L, H, T, D]
     d = jnp.mean(jnp.abs(base.astype(jnp.float32)[None] - a), axis=(1, 2, 4))  # [A, T]
-    w = _masked_softmax(d, usable[:, None])  # [A, T]
+    serves = usable[:, None] & (jnp.arange(T)[None, :] < anchor_lengths[:, None])  # [A, T]
+    w = _masked_softmax(d, serves)  # [A, T]
     w = jnp.where((jnp.arange(T) < length)[None], w, 0.0)
     return w[:, None, None, :, None]
 
@@ -46,33 +49,38 @@ def prefix_weights(base, anchors, length, anchor_lengths, usable) -> jax.Array:
 
     ``d[a, l, h, c] = || base[l,h,:length,c] - anchors[a,l,h,Ta-length:Ta,c] ||_2``:
     the content against each anchor's *last* ``length`` tokens (``Ta`` = that
-    anchor's own length).
+    anchor's own length). An anchor shorter than the content is compared over the
+    content's last ``Ta`` tokens, the distance scaled by ``sqrt(length / Ta)`` to the
+    full length.
     """
     T = base.shape[2]
     t = jnp.arange(T)
-    idx = jnp.clip(anchor_lengths[:, None] - length + t[None], 0, anchors.shape[3] - 1)  # [A, T]
+    at = anchor_lengths[:, None] - length + t[None]  # [A, T] anchor token facing content token t
+    idx = jnp.clip(at, 0, anchors.shape[3] - 1)
     tail = jnp.take_along_axis(anchors, idx[:, None, None, :, None], axis=3).astype(jnp.float32)  # [A, L, H, T, D]
     sq = jnp.square(base.astype(jnp.float32)[None] - tail)
-    sq = jnp.where((t < length)[None, None, None, :, None], sq, 0.0)
-    d = jnp.sqrt(jnp.sum(sq, axis=3))  # [A, L, H, D]
+    sq = jnp.where(((t[None] < length) & (at >= 0))[:, None, None, :, None], sq, 0.0)
+    covered = jnp.clip(jnp.minimum(anchor_lengths, length), 1, None).astype(jnp.float32)  # [A]
+    d = jnp.sqrt(jnp.sum(sq, axis=3) * (length / covered)[:, None, None, None])  # [A, L, H, D]
     return _masked_softmax(d, usable[:, None, None, None])[:, :, :, None, :]
 
 
-@functools.partial(jax.jit, static_argnames=())
-def predict(values, length, anchor_values, anchor_lengths, anchor_valid, gamma):
+@functools.partial(jax.jit, static_argnames=("coverage",))
+def predict(values, length, anchor_values, anchor_lengths, anchor_valid, gamma, coverage: bool = False):
     """May a content be reused? (section 8)
 
     values: ``[L, H, T, D]`` the content's base values (``length`` valid tokens);
     anchor_values: ``[V, L, H, Ta, D]``; anchor_lengths ``[V]``; anchor_valid ``[V]``.
 
     Returns ``(becomes_anchor bool, activation_increments [V] int32, entropy float32)``.
-    Fewer than two anchors at least ``length`` long -> becomes an anchor.
+    Fewer than two anchors at least ``length`` long (any length with ``coverage``: shorter
+    anchors serve the tokens they cover) -> becomes an anchor.
     Otherwise ``s = softmax(-||values - anchor||_F)``, ``H = -sum s log2 s``;
     ``H > gamma * log2(#available)`` -> becomes an anchor, else shareable and the
     smallest set of top anchors whose weights reach 0.9 each get +1 activation.
     """
     T = values.shape[2]
-    available = anchor_valid & (anchor_lengths >= length)  # [V]
+    available = anchor_valid & ((anchor_lengths >= length) | coverage)  # [V]
     count = jnp.sum(available)
     a = fit_tokens(anchor_values, T).astype(jnp.float32)
     sq = jnp.where((jnp.arange(T) < length)[None, None, None, :, None], jnp.square(values.astype(jnp.float32)[None] - a), 0.0)

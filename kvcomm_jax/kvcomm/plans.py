@@ -61,10 +61,18 @@ class Plan:
         return sum(span.length for span in self.spans)
 
 
-def plan_call(layout: Layout, blockers: Sequence[str | None], *, partial_reuse: bool, exact_question: bool) -> Plan:
+def plan_call(
+    layout: Layout,
+    blockers: Sequence[str | None],
+    *,
+    partial_reuse: bool,
+    exact_question: bool,
+    uncovered: Sequence[Span] = (),
+) -> Plan:
     """The plan of a call whose placeholder ``i`` cannot be reused when ``blockers[i]`` says why (None: it can).
 
-    ``blockers`` follows ``layout.placeholders``.
+    ``blockers`` follows ``layout.placeholders``. ``uncovered``: tokens of reused contents
+    that no anchor covers, computed in context too.
     """
     n, P = layout.length, len(layout.placeholders)
     spans: list[Span] = []
@@ -85,9 +93,11 @@ def plan_call(layout: Layout, blockers: Sequence[str | None], *, partial_reuse: 
         start = layout.content(blocked).start
         spans.append(Span(start, n - start))
         exact.extend(range(blocked, P))
-    if not spans or spans[-1].end < n:
-        spans.append(Span(n - 1, 1))
-    return Plan(path, reason, _merged(spans), tuple(exact))
+    spans.extend(uncovered)
+    spans = _merged(spans)
+    if spans[-1:] and spans[-1].end == n:
+        return Plan(path, reason, spans, tuple(exact))
+    return Plan(path, reason, _merged([*spans, Span(n - 1, 1)]), tuple(exact))
 
 
 def _merged(spans: Sequence[Span]) -> tuple[Span, ...]:

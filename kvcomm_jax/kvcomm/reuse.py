@@ -30,7 +30,7 @@ class AnchorInputs:
 
     keys, values: ``[V, L, H, Ta, D]`` anchors' base KV (keys frame 0)
     lengths:      ``[V]`` int32
-    usable:       ``[V]`` bool, anchors that hold this consumer's deltas and are long enough
+    usable:       ``[V]`` bool, anchors that hold this consumer's deltas and may serve the content
     deltas:       the consumer's :class:`~kvcomm_jax.kvcomm.anchor_pool.ConsumerDeltas`
     """
 
@@ -88,8 +88,8 @@ def _correct_one(p: PlaceholderInputs, rope, impl):
     content = _correct(
         c,
         p.content_start,
-        placeholder_weights(c.keys, a.keys, c.length, a.usable),
-        placeholder_weights(c.values, a.values, c.length, a.usable),
+        placeholder_weights(c.keys, a.keys, c.length, a.usable, a.lengths),
+        placeholder_weights(c.values, a.values, c.length, a.usable, a.lengths),
         fit_tokens(deltas.placeholder_keys, T),
         fit_tokens(deltas.placeholder_values, T),
         a.usable,

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from kvcomm_jax.kvcomm.cacheblend import first_layers_deviation
+from kvcomm_jax.kvcomm.layout import Span
 from kvcomm_jax.kvcomm.plans import Plan, plan_call
 from kvcomm_jax.kvcomm.reuse import (
     PlaceholderInputs,
@@ -112,10 +113,23 @@ class KVComm:
                 out.append(ctx.anchors.unusable_reason(name, call.agent_id, len(content.ids)))
         return out
 
+    def uncovered(self, ctx: ReuseContext, call: "PreparedCall", blockers) -> list[Span]:
+        """Tokens of reusable contents that no usable anchor covers (only with anchor coverage on)."""
+        out = []
+        for i, name in enumerate(call.layout.placeholders):
+            content = call.layout.content(i)
+            if blockers[i] is None:
+                covered = ctx.anchors.covered(name, call.agent_id, content.length)
+                if covered < content.length:
+                    out.append(Span(content.start + covered, content.length - covered))
+        return out
+
     def decide(self, ctx: ReuseContext, call: "PreparedCall") -> Plan:
         config = ctx.runner.config
+        blockers = self.blockers(ctx, call)
         return plan_call(
-            call.layout, self.blockers(ctx, call), partial_reuse=config.partial_reuse, exact_question=config.exact_question
+            call.layout, blockers, partial_reuse=config.partial_reuse, exact_question=config.exact_question,
+            uncovered=self.uncovered(ctx, call, blockers),
         )
 
     def _inputs(self, ctx: ReuseContext, calls: Sequence["PreparedCall"]) -> tuple[PlaceholderInputs, ...]:
@@ -220,6 +234,9 @@ class CacheBlend(KVComm):
 
     def blockers(self, ctx: ReuseContext, call: "PreparedCall") -> list[str | None]:
         return [None] * len(call.layout.placeholders)
+
+    def uncovered(self, ctx: ReuseContext, call: "PreparedCall", blockers) -> list[Span]:
+        return []
 
     def build_cache(self, ctx: ReuseContext, calls: Sequence["PreparedCall"], capacity: int) -> BuiltCache:
         built, _, _, _ = self._assemble(ctx, calls, capacity)
