@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--batch-size", type=_positive("--batch-size"), default=1,
                     help="questions run together; each agent's calls for them are one batched step")
     pl.add_argument("--no-fidelity", action="store_true", help="skip the untimed dense checks of reuse calls (speed runs)")
+    pl.add_argument("--fidelity-tokens", type=_positive("--fidelity-tokens"), default=32,
+                    help="tokens of the dense path's greedy continuation fed through both caches (teacher forcing)")
     pl.add_argument("--no-partial-reuse", action="store_true",
                     help="the paper's all-or-nothing decision: a blocked placeholder makes the call dense")
     pl.add_argument("--exact-question", action="store_true",
@@ -214,6 +216,7 @@ def _pipeline(args):
     summary, results = run_pipeline(
         model, task, graph, examples, MODE_CHOICES[args.mode], config,
         measure_fidelity=not args.no_fidelity, batch_size=args.batch_size, mesh=mesh, load_pool=args.load_pool, save_pool=args.save_pool,
+        fidelity_tokens=args.fidelity_tokens,
     )
     payload = {
         "task": args.task, "model": model.source, "agents": args.agents, "graph": args.graph, "rounds": args.rounds,

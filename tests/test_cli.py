@@ -28,7 +28,8 @@ def test_pipeline_both_modes_reuses_and_writes_the_documented_json(tmp_path, cap
     calls = result["calls"]
     assert _paths(calls["dense"]) == [["dense"] * 3] * 3
     kvcomm_paths = _paths(calls["kvcomm"])
-    assert kvcomm_paths[:2] == [["dense"] * 3] * 2  # fewer than two anchors per pool: every content is an anchor
+    # fewer than two anchors per pool: every content is an anchor, computed in context after prefix 0
+    assert kvcomm_paths[:2] == [["partial"] * 3] * 2
     assert kvcomm_paths[2][0] == "reuse"  # agent 0 reads only the question, which two anchors now serve
     for mode, rows in calls.items():
         records = [r for row in rows for r in row["records"]]
@@ -36,14 +37,25 @@ def test_pipeline_both_modes_reuses_and_writes_the_documented_json(tmp_path, cap
         assert summary["calls"] == len(records) == 9
         assert summary["accuracy"] == pytest.approx(sum(row["correct"] for row in rows) / 3)
         assert summary["reuse_rate"] == pytest.approx(sum(r["path"] == "reuse" for r in records) / 9)
+        assert summary["partial_reuse_rate"] == pytest.approx(sum(r["path"] == "partial" for r in records) / 9)
         reused = sum(r["reused_tokens"] for r in records)
         assert summary["token_reuse_rate"] == pytest.approx(reused / sum(r["prompt_tokens"] for r in records))
+        reusing = [r for r in records if r["path"] != "dense"]
+        recomputed = sum(r["recomputed_tokens"] for r in reusing) / max(1, sum(r["prompt_tokens"] for r in reusing))
+        assert summary["recomputed_token_rate"] == pytest.approx(recomputed)
+        assert sum(summary["reasons"].values()) == sum(r["path"] != "reuse" for r in records)
         assert summary["ttft_ms"]["mean"] > 0 and summary["ttft_ms"]["median"] > 0
         assert len(summary["ttft_ms"]["per_agent"]) == 3
-    reuse = [r for row in calls["kvcomm"] for r in row["records"] if r["path"] == "reuse"]
-    assert all(r["reused_tokens"] == r["prompt_tokens"] - 1 and r["fidelity"] for r in reuse)
+    kvcomm = [r for row in calls["kvcomm"] for r in row["records"]]
+    assert all(r["reused_tokens"] == r["prompt_tokens"] - 1 for r in kvcomm if r["path"] == "reuse")
+    assert all(r["reused_tokens"] + r["recomputed_tokens"] == r["prompt_tokens"] for r in kvcomm)
+    assert all(0 <= r["fidelity"]["top1_agreement"] <= 1 and r["fidelity"]["kl"] >= 0 for r in kvcomm)
+    fidelity = result["modes"]["kvcomm"]["fidelity"]
+    assert fidelity["calls"] == 9
+    assert fidelity["top1_agreement"] == pytest.approx(sum(r["fidelity"]["top1_agreement"] for r in kvcomm) / 9)
+    assert result["modes"]["kvcomm"]["pools"]["user_question"]["anchors"] == 2
     agreement = result["agreement"]["kvcomm"]
-    assert agreement["first_token_calls"] == len(reuse)
+    assert agreement["first_token_calls"] == 9
     same = [a["answer"] == d["answer"] for a, d in zip(calls["kvcomm"], calls["dense"], strict=True)]
     assert agreement["final_answer"] == pytest.approx(sum(same) / 3)
     assert plot.stat().st_size > 0

@@ -2,8 +2,10 @@
 
 ``run_pipeline`` builds one engine per mode over the same agent graph and task,
 runs every question through each mode (interleaved, so both see the same
-machine conditions), and summarizes accuracy, reuse, TTFT and agreement with
-dense.
+machine conditions), and summarizes accuracy, reuse, TTFT, fidelity against a dense
+reference (teacher-forced, :class:`~kvcomm_jax.kvcomm.probes.FidelityProbe`) and agreement
+with dense. Mode ``dense_bf16`` runs dense in bfloat16 against float32 dense: the fidelity
+that numerical precision alone costs, a floor to read the reuse modes' fidelity against.
 """
 
 from __future__ import annotations
@@ -19,17 +21,25 @@ from kvcomm_jax.agents.graphs import AgentGraph
 from kvcomm_jax.agents.tasks import Example, Task
 from kvcomm_jax.kvcomm.engine import MODES, EngineConfig, KVCommEngine
 from kvcomm_jax.kvcomm.persistence import load_pools, model_fingerprint, save_pools
-from kvcomm_jax.kvcomm.probes import kv_fidelity
+from kvcomm_jax.kvcomm.probes import FidelityProbe, teacher_forced_summary
 from kvcomm_jax.kvcomm.records import (
     CallRecord,
+    partial_reuse_rate,
+    reason_counts,
+    recomputed_token_rate,
     reuse_rate,
     token_reuse_rate,
     ttft_summary,
 )
+from kvcomm_jax.kvcomm.runner import ModelRunner
+from kvcomm_jax.kvcomm.strategies import STRATEGIES
 from kvcomm_jax.kvcomm.templates import AgentPrompt, condition_placeholder
-from kvcomm_jax.model.registry import LoadedModel
+from kvcomm_jax.model.registry import LoadedModel, with_dtype
+from kvcomm_jax.scale import sharding
 
-MODE_CHOICES = {**{mode: (mode,) for mode in MODES}, "both": ("dense", "kvcomm"), "all": MODES}
+PIPELINE_MODES = (*MODES, "dense_bf16")
+"""The engine's modes, then ``dense_bf16`` (see the module docstring)."""
+MODE_CHOICES = {**{mode: (mode,) for mode in PIPELINE_MODES}, "both": ("dense", "kvcomm"), "all": PIPELINE_MODES}
 
 
 def agent_prompts(task: Task, graph: AgentGraph) -> list[AgentPrompt]:
@@ -79,32 +89,63 @@ def _mean(values):
 
 
 def summarize(results: dict[str, list[QuestionResult]], agent_ids: Sequence[int]) -> dict:
-    """Per-mode accuracy / reuse / TTFT, and agreement of each non-dense mode with dense."""
+    """Per-mode accuracy / reuse / TTFT / teacher-forced fidelity, and agreement of each non-dense mode with dense."""
     modes = {}
     for mode, rows in results.items():
         records = [r for row in rows for r in row.records]
         modes[mode] = {
             "accuracy": _mean([float(row.correct) for row in rows]),
             "reuse_rate": reuse_rate(records),
+            "partial_reuse_rate": partial_reuse_rate(records),
             "token_reuse_rate": token_reuse_rate(records),
+            "recomputed_token_rate": recomputed_token_rate(records),
+            "reasons": reason_counts(records),
             "ttft_ms": ttft_summary(records, agent_ids),
             "calls": len(records),
             "compile_s": sum(r.compile_ms for r in records) / 1e3,  # excluded from the TTFTs above
             "correct": [row.correct for row in rows],
+            # means over the calls compared with a dense reference by teacher forcing
+            "fidelity": teacher_forced_summary(r.fidelity for r in records),
         }
     agreement = {}
     if "dense" in results:
         for mode, rows in results.items():
             if mode == "dense":
                 continue
-            fidelity = [r.fidelity for row in rows for r in row.records if r.fidelity is not None]
+            probed = [r.fidelity for row in rows for r in row.records if r.fidelity and "first_token_agrees" in r.fidelity]
             agreement[mode] = {
                 "final_answer": _mean([float(a.answer == d.answer) for a, d in zip(rows, results["dense"])]),
-                # reuse calls whose first token equals a dense prefill's on the same prompt
-                "first_token": _mean([float(f["first_token_agrees"]) for f in fidelity]),
-                "first_token_calls": len(fidelity),
+                # probed calls (reuse calls; every call of dense_bf16) whose first token equals a dense prefill's
+                "first_token": _mean([float(f["first_token_agrees"]) for f in probed]),
+                "first_token_calls": len(probed),
+                # probed calls whose greedy continuation is the dense reference's (teacher-forced)
+                "response": modes[mode]["fidelity"]["response_agreement"],
             }
     return {"modes": modes, "agreement": agreement}
+
+
+def _engine(mode: str, model: LoadedModel, prompts, config: EngineConfig, mesh, fidelity_tokens: int | None) -> KVCommEngine:
+    """The engine of one pipeline mode; ``fidelity_tokens`` None: no fidelity probe.
+
+    ``dense_bf16`` is the dense strategy over ``model`` cast to bfloat16, every call probed
+    against a float32 runner of ``model``.
+    """
+    if mode != "dense_bf16":
+        strategy = STRATEGIES[mode]
+        config = dataclasses.replace(  # plan settings apply to the modes they mean something in
+            config,
+            mode=mode,
+            recompute_ratio=config.recompute_ratio if strategy.selects else None,
+            partial_reuse=config.partial_reuse or not strategy.uses_anchors,
+        )
+        probes = () if fidelity_tokens is None else (FidelityProbe(tokens=fidelity_tokens),)
+        return KVCommEngine(model, prompts, config, mesh=mesh, probes=probes)
+    config = dataclasses.replace(config, mode="dense", recompute_ratio=None, partial_reuse=True)
+    probes = ()
+    if fidelity_tokens is not None:
+        reference = ModelRunner(with_dtype(model, "float32"), config, mesh or sharding.single_device_mesh())
+        probes = (FidelityProbe(tokens=fidelity_tokens, kv_errors=False, reference=reference, all_calls=True),)
+    return KVCommEngine(with_dtype(model, "bfloat16"), prompts, config, mesh=mesh, probes=probes)
 
 
 def run_pipeline(
@@ -120,25 +161,22 @@ def run_pipeline(
     mesh=None,
     load_pool: str | None = None,
     save_pool: str | None = None,
+    fidelity_tokens: int = 32,
 ) -> tuple[dict, dict[str, list[QuestionResult]]]:
-    """Run ``examples`` through ``graph`` in each mode. Returns ``(summary, results per mode)``.
+    """Run ``examples`` through ``graph`` in each mode (of :data:`PIPELINE_MODES`). Returns ``(summary, results per mode)``.
 
     ``batch_size``: questions run together, each agent's calls for them as one batched step
     (see :meth:`~kvcomm_jax.kvcomm.engine.KVCommEngine.run_agents`).
-    ``measure_fidelity``: run :func:`~kvcomm_jax.kvcomm.probes.kv_fidelity` on every reuse call
-    (a dense prefill of the same prompt, outside the call's TTFT).
+    ``measure_fidelity``: compare every reuse call (every call in ``dense_bf16``) with a dense
+    reference on the same prompt, outside the call's TTFT
+    (:class:`~kvcomm_jax.kvcomm.probes.FidelityProbe`, ``fidelity_tokens`` teacher-forced tokens).
     ``load_pool`` / ``save_pool``: a folder holding one anchor-pool checkpoint per
     non-dense mode (``<folder>/<mode>``), restored before the first question and saved
     after the last, so a later job can warm-start from this one's anchors.
     """
     prompts = agent_prompts(task, graph)
-    probes = (kv_fidelity,) if measure_fidelity else ()
-    engines = {
-        mode: KVCommEngine(
-            model, prompts, dataclasses.replace(config, mode=mode, lead_in=task.context_lead_in), mesh=mesh, probes=probes
-        )
-        for mode in modes
-    }
+    config = dataclasses.replace(config, lead_in=task.context_lead_in)
+    engines = {mode: _engine(mode, model, prompts, config, mesh, fidelity_tokens if measure_fidelity else None) for mode in modes}
     fingerprint = model_fingerprint(model.config)
     if load_pool:
         for mode, engine in engines.items():
@@ -157,4 +195,8 @@ def run_pipeline(
         for mode, engine in engines.items():
             if engine.strategy.uses_anchors:
                 save_pools(os.path.join(save_pool, mode), engine.pools, fingerprint)
-    return summarize(results, graph.topological_order()), results
+    summary = summarize(results, graph.topological_order())
+    for mode, engine in engines.items():
+        if engine.strategy.uses_anchors:
+            summary["modes"][mode]["pools"] = engine.anchors.stats()
+    return summary, results

@@ -1,7 +1,8 @@
-"""Fidelity of reused caches: per-layer relative KV error against dense, KVCOMM vs rotation only.
+"""Fidelity of reused caches against dense: per-layer relative KV error, and teacher-forced agreement per mode.
 
-Summarizes what the :func:`~kvcomm_jax.kvcomm.probes.kv_fidelity` engine probe records on
-reuse calls: :func:`aggregate`, a table and a plot.
+Summarizes what the :class:`~kvcomm_jax.kvcomm.probes.FidelityProbe` engine probe records:
+:func:`aggregate` (KV errors of reuse calls, KVCOMM vs rotation only) and
+:func:`~kvcomm_jax.kvcomm.probes.teacher_forced_summary` per mode, as tables and a plot.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Iterable
 
 import numpy as np
 
-from kvcomm_jax.bench.reporting import markdown_table
+from kvcomm_jax.bench.reporting import fmt, markdown_table
 
 _SERIES = {
     "kvcomm_key": "key_error",
@@ -21,8 +22,8 @@ _SERIES = {
 
 
 def aggregate(fidelities: Iterable[dict]) -> dict:
-    """Mean per-layer errors over reuse calls, and first-token agreement with dense."""
-    fidelities = [f for f in fidelities if f]
+    """Mean per-layer errors over the reuse calls that recorded them, and first-token agreement with dense."""
+    fidelities = [f for f in fidelities if f and "key_error" in f]
     if not fidelities:
         raise ValueError("no reuse call recorded a fidelity measurement (no reuse happened, or it was not measured)")
     out = {name: np.mean([f[key] for f in fidelities], axis=0).tolist() for name, key in _SERIES.items()}
@@ -44,14 +45,30 @@ def fidelity_table(summary: dict, group: int = 3) -> str:
     return markdown_table(["layers", "KVCOMM K", "rotate-only K", "KVCOMM V", "rotate-only V"], rows)
 
 
-def plot_fidelity(path: str, summary: dict, title: str) -> None:
-    """Per-layer relative error curves, KVCOMM vs rotation only, keys and values."""
+def teacher_forced_table(per_mode: dict[str, dict]) -> str:
+    """Markdown table, one row per mode, of :func:`~kvcomm_jax.kvcomm.probes.teacher_forced_summary` results."""
+    rows = [
+        [mode, s["calls"], fmt(s["top1_agreement"] and s["top1_agreement"] * 100), fmt(s["kl"], ".4f"),
+         fmt(s["response_agreement"] and s["response_agreement"] * 100)]
+        for mode, s in per_mode.items()
+    ]
+    return markdown_table(["mode", "calls", "top-1 agreement %", "mean KL (nats)", "same response %"], rows)
+
+
+def plot_fidelity(path: str, summary: dict, title: str, per_mode: dict[str, dict] | None = None) -> None:
+    """Per-layer relative error curves, KVCOMM vs rotation only, keys and values.
+
+    ``per_mode``: teacher-forced summaries per mode, drawn as a third panel of bars.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    fig, axes = plt.subplots(1, 3 if per_mode else 2, figsize=(15 if per_mode else 10, 3.8))
+    axes[1].sharey(axes[0])
+    if per_mode:
+        _plot_teacher_forced(axes[2], per_mode)
     for ax, kind in zip(axes, ("key", "value")):
         for method, style in (("kvcomm", "-o"), ("rotate_only", "--s")):
             values = summary[f"{method}_{kind}"]
@@ -65,3 +82,16 @@ def plot_fidelity(path: str, summary: dict, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_teacher_forced(ax, per_mode: dict[str, dict]) -> None:
+    """Top-1 and same-response agreement (%) per mode, as grouped bars."""
+    modes = list(per_mode)
+    for offset, name, label in ((-0.2, "top1_agreement", "top-1"), (0.2, "response_agreement", "same response")):
+        values = [100 * (per_mode[m][name] or 0.0) for m in modes]
+        ax.bar([i + offset for i in range(len(modes))], values, 0.4, label=label)
+    ax.set_xticks(range(len(modes)), modes)
+    ax.set_ylim(0, 100)
+    ax.set_title("teacher-forced")
+    ax.set_ylabel("agreement with dense %")
+    ax.legend(loc="lower right")

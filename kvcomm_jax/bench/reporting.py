@@ -68,26 +68,32 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 
 def pipeline_table(summary: dict) -> str:
-    """One row per mode: accuracy, reuse by calls and tokens, TTFT mean/median and per agent."""
+    """One row per mode: accuracy, reuse by calls (full / partial) and tokens, tokens recomputed,
+    teacher-forced fidelity against dense, TTFT mean/median and per agent."""
     rows = []
     for mode, m in summary["modes"].items():
-        t = m["ttft_ms"]
+        t, f = m["ttft_ms"], m.get("fidelity") or {}
         rows.append([
-            mode, fmt(m["accuracy"] * 100 if m["accuracy"] is not None else None), fmt(m["reuse_rate"] * 100),
-            fmt(m["token_reuse_rate"] * 100), fmt(t["mean"]), fmt(t["median"]),
-            " / ".join(fmt(v, ".0f") for v in t["per_agent"]),
+            mode, fmt(_percent(m["accuracy"])), fmt(_percent(m["reuse_rate"])), fmt(_percent(m["partial_reuse_rate"])),
+            fmt(_percent(m["token_reuse_rate"])), fmt(_percent(m["recomputed_token_rate"])),
+            fmt(_percent(f.get("top1_agreement"))), fmt(f.get("kl"), ".4f"), fmt(_percent(f.get("response_agreement"))),
+            fmt(t["mean"]), fmt(t["median"]), " / ".join(fmt(v, ".0f") for v in t["per_agent"]),
         ])
     table = markdown_table(
-        ["mode", "accuracy %", "reuse % (calls)", "reuse % (tokens)", "TTFT mean ms", "TTFT median ms", "median TTFT per agent ms"],
+        ["mode", "accuracy %", "reuse % (calls)", "partial % (calls)", "reuse % (tokens)", "recomputed %",
+         "top-1 %", "KL", "same response %", "TTFT mean ms", "TTFT median ms", "median TTFT per agent ms"],
         rows,
     )
     for mode, a in summary["agreement"].items():
         table += (
-            f"\n\n{mode} vs dense: final answer agreement {fmt(a['final_answer'] and a['final_answer'] * 100)}%, "
-            f"first-token agreement on reuse calls {fmt(a['first_token'] and a['first_token'] * 100)}% "
-            f"({a['first_token_calls']} calls)"
+            f"\n\n{mode} vs dense: final answer agreement {fmt(_percent(a['final_answer']))}%, "
+            f"first-token agreement on probed calls {fmt(_percent(a['first_token']))}% ({a['first_token_calls']} calls)"
         )
     return table
+
+
+def _percent(value):
+    return None if value is None else value * 100
 
 
 def plot_per_agent(path: str, labels: Sequence[str], series: dict[str, Sequence[float | None]], title: str, ylabel: str) -> None:

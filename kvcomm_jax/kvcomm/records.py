@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import re
 import statistics
 from typing import Sequence
 
@@ -64,6 +66,12 @@ def recomputed_token_rate(records: Sequence[CallRecord]) -> float:
     reusing = [r for r in records if r.path != "dense"]
     total = sum(r.prompt_tokens for r in reusing)
     return sum(r.recomputed_tokens for r in reusing) / total if total else 0.0
+
+
+def reason_counts(records: Sequence[CallRecord]) -> dict[str, int]:
+    """How often each reason kept a call from full reuse, numbers replaced by ``N``, most frequent first."""
+    counts = collections.Counter(re.sub(r"\d+", "N", r.reason) for r in records if r.reason)
+    return dict(counts.most_common())
 
 
 def ttft_summary(records: Sequence[CallRecord], agent_ids: Sequence[int]) -> dict:

