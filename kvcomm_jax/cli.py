@@ -15,7 +15,7 @@ from kvcomm_jax.agents.pipeline import MODE_CHOICES
 from kvcomm_jax.agents.tasks import TASKS
 from kvcomm_jax.configs import main_job, paper_ttft
 from kvcomm_jax.kvcomm.config import DEFAULT_ANCHOR_CAPACITY, DEFAULT_EVICTION_WINDOW
-from kvcomm_jax.kvcomm.strategies import MODES
+from kvcomm_jax.kvcomm.strategies import MODES, STRATEGIES
 from kvcomm_jax.model.registry import DEFAULT_MODEL
 from pallas_kernels import IMPLS
 
@@ -200,6 +200,7 @@ def _pipeline(args):
     from kvcomm_jax.scale.sharding import make_mesh
 
     _check_outputs(args)
+    _check_plan_settings(args)
     maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     mesh = make_mesh(args.mesh) if args.mesh else None
     if args.load_pool and not os.path.isdir(args.load_pool):
@@ -281,6 +282,18 @@ def _bench_throughput(args):
     )
     result = run_throughput_benchmark(load_model(args.model, args.dtype), settings)
     _report(args, result, throughput_table, plot_throughput)
+
+
+def _check_plan_settings(args) -> None:
+    """Refuse plan settings that none of the chosen modes would use."""
+    strategies = [STRATEGIES[m] for m in MODE_CHOICES[args.mode] if m in STRATEGIES]
+    if args.recompute_ratio is not None and not any(s.selects for s in strategies):
+        raise ValueError(
+            f"--recompute-ratio: no mode of --mode {args.mode} has a rule to select tokens to recompute "
+            "(kvcomm and cacheblend have)"
+        )
+    if args.no_partial_reuse and not any(s.uses_anchors for s in strategies):
+        raise ValueError(f"--no-partial-reuse: no mode of --mode {args.mode} ever blocks a placeholder (kvcomm and rotate_only do)")
 
 
 def _check_outputs(args) -> None:

@@ -78,6 +78,10 @@ def test_perplexity_prints_and_writes_json(tmp_path, capsys):
         (["pipeline", "--task", "chess"], "invalid choice: 'chess'"),
         (["pipeline", "--task", "gsm8k", "--agents", "1"], "counts the decision agent"),
         (["pipeline", "--task", "gsm8k", "--limit", "0"], "--limit must be >= 1"),
+        (["pipeline", "--task", "gsm8k", "--recompute-ratio", "1.5"], "--recompute-ratio must be in [0, 1]"),
+        (["pipeline", "--task", "gsm8k", "--recompute-ratio", "-0.1"], "--recompute-ratio must be in [0, 1]"),
+        (["pipeline", "--task", "gsm8k", "--recompute-ratio", "half"], "--recompute-ratio must be a number"),
+        (["pipeline", "--task", "gsm8k", "--mode", "no_such_plan"], "invalid choice: 'no_such_plan'"),
     ],
 )
 def test_bad_arguments_exit_with_a_clear_message(argv, message, capsys):
@@ -98,3 +102,16 @@ def test_unwritable_json_path_fails_before_any_work(tmp_path, capsys):
 def test_unknown_model_name_is_reported(capsys):
     assert main(["generate", "--prompt", "hi", "--model", "no-such-model"]) == 2
     assert "no-such-model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--mode", "cacheblend", "--no-partial-reuse"], "--no-partial-reuse: no mode of --mode cacheblend"),
+        (["--mode", "rotate_only", "--recompute-ratio", "0.1"], "--recompute-ratio: no mode of --mode rotate_only"),
+        (["--mode", "dense", "--recompute-ratio", "0.1"], "--recompute-ratio: no mode of --mode dense"),
+    ],
+)
+def test_plan_settings_no_chosen_mode_uses_are_refused_before_any_work(argv, message, capsys):
+    assert main(["pipeline", "--task", "gsm8k", "--limit", "1", *argv]) == 2
+    assert message in capsys.readouterr().err
