@@ -122,7 +122,8 @@ def plot_study(path: str, summary: dict, title: str) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[1].set_yscale("log")
-    axes[0].legend(fontsize=7)
+    if "dense_bf16" in summary["modes"]:
+        axes[0].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
