@@ -199,7 +199,7 @@ def run_ttft_benchmark(model: LoadedModel, settings: TTFTSettings, progress: boo
         copy_machine_prompts(tokenizer, settings),
         EngineConfig(
             mode="kvcomm", gamma=settings.gamma, max_new_tokens=settings.output_tokens, lead_in=LEAD_IN,
-            impl=settings.impl, ignore_eos=True,
+            impl=settings.impl, ignore_eos=True, partial_reuse=False,  # the paper's method: reuse or dense
         ),
         probes=(per_call(BaselineProbe()),),
     )
