@@ -23,6 +23,7 @@ PLANS: dict[str, tuple[str, dict]] = {
     "dense": ("dense", {}),
     "dense_bf16": ("dense_bf16", {}),
     "rotate_only": ("rotate_only", {}),
+    "rotate_only_paper": ("rotate_only", {"partial_reuse": False}),
     "kvcomm_paper": ("kvcomm", {"partial_reuse": False}),
     "kvcomm_partial": ("kvcomm", {}),
     "kvcomm_exact": ("kvcomm", {"exact_question": True}),
