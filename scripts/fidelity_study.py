@@ -16,6 +16,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kvcomm_jax.agents.graphs import make_graph  # noqa: E402
+from kvcomm_jax.agents.pipeline import summarize  # noqa: E402
 from kvcomm_jax.agents.tasks import TASKS, get_task  # noqa: E402
 from kvcomm_jax.bench.reporting import check_writable, run_info, write_json  # noqa: E402
 from kvcomm_jax.bench.study import (  # noqa: E402
@@ -41,6 +42,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--fidelity-tokens", type=int, default=32)
     parser.add_argument("--plans", default=",".join(PLANS), help=f"comma-separated (known: {','.join(PLANS)})")
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="also summarize the questions after the first WARMUP apart (the pools' steady state)")
     parser.add_argument("--json")
     parser.add_argument("--plot")
     args = parser.parse_args()
@@ -57,17 +60,28 @@ def main() -> int:
     examples = task.load(limit=args.limit, offset=args.offset)
     model = load_model(args.model)
     start = time.perf_counter()
-    summary, _ = run_study(
+    summary, results = run_study(
         model, task, graph, examples, plans, EngineConfig(gamma=args.gamma, max_new_tokens=args.max_new_tokens),
         batch_size=args.batch_size, fidelity_tokens=args.fidelity_tokens,
     )
     print(study_table(summary))
+    steady = None
+    if 0 < args.warmup < len(examples):
+        steady = summarize({name: rows[args.warmup :] for name, rows in results.items()}, graph.topological_order())
+        print(f"\nafter the first {args.warmup} questions:\n{study_table(steady)}")
     if args.json:
         write_json(args.json, {
             "command": " ".join(sys.argv), **run_info(), "wall_s": time.perf_counter() - start, "task": args.task,
             "model": model.source, "agents": args.agents, "questions": len(examples), "offset": args.offset,
             "gamma": args.gamma, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
             "fidelity_tokens": args.fidelity_tokens, "plans": {name: PLANS[name] for name in plans}, **summary,
+            "warmup": args.warmup, "steady": steady,
+            "calls": {
+                name: [{"question": row.example_id, "answer": row.answer, "correct": row.correct,
+                        "records": [{k: v for k, v in vars(r).items() if k != "response_ids"} for r in row.records]}
+                       for row in rows]
+                for name, rows in results.items()
+            },
         })
         print(f"wrote {args.json}")
     if args.plot:
