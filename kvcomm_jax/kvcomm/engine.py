@@ -34,6 +34,7 @@ from kvcomm_jax.kvcomm.anchor_store import AnchorStore
 from kvcomm_jax.kvcomm.config import EngineConfig
 from kvcomm_jax.kvcomm.layout import Span
 from kvcomm_jax.kvcomm.plans import (
+    PATHS,
     Plan,
     add_selected,
     plan_targets,
@@ -258,8 +259,9 @@ class KVCommEngine:
     def run_agents(self, requests: Sequence[Request], agent_id: int) -> list[CallRecord]:
         """One agent's calls for ``B`` requests as one batched step; returns their records in request order.
 
-        The rows that go dense share one batched prefill, the rows that reuse one batched
-        reuse step, and all rows one batched decode. Pool updates are applied after each
+        The rows that go dense share one batched prefill, the fully reused rows one batched
+        reuse step, the partly reused rows another (their forwards differ in width), and all
+        rows one batched decode. Pool updates are applied after each
         part in request order; predictions within a step see the pools as they were before
         it. A call's TTFT is its batched part's time. The step's randomness comes from the
         first request's key, so sampled (non-greedy) rows differ from one-by-one runs;
@@ -272,27 +274,28 @@ class KVCommEngine:
         key = jax.random.fold_in(jax.random.PRNGKey(self.config.sampling.seed), requests[0].index * 4096 + agent_id)
         prefill_key, decode_key = jax.random.split(key)
         plans = [self.strategy.decide(self.context, c) for c in calls]
-        groups = {True: [], False: []}
+        groups = {path: [] for path in PATHS}  # full reuse and partial rows run apart: one forward's width fits each
         for row, plan in enumerate(plans):
-            groups[plan.reuses].append(row)
+            groups[plan.path].append(row)
+        groups = {path: rows for path, rows in groups.items() if rows}
 
-        parts = {}  # reuse? -> (first [b], cache, breakdown_ms, compile_ms, others_ms, computed tokens [b])
-        if groups[False]:
-            rows = groups[False]
-            first, cache, prefill_ms, compile_ms = self.runner.prefill([calls[r].ids for r in rows], capacity, prefill_key)
-            after_ms = self._record_deltas([calls[r] for r in rows], cache, [range(len(calls[r].layout.placeholders)) for r in rows])
-            parts[False] = (first, cache, {"prefill": prefill_ms}, compile_ms, after_ms, [0] * len(rows))
-        if groups[True]:
-            rows = groups[True]
-            first, cache, breakdown, compile_ms, computed = self.reuse_prefill(
-                [calls[r] for r in rows], [plans[r] for r in rows], capacity, prefill_key
-            )
-            after_ms = self._record_deltas([calls[r] for r in rows], cache, [plans[r].exact for r in rows])
-            parts[True] = (first, cache, breakdown, compile_ms, after_ms, computed)
+        parts = {}  # path -> (first [b], cache, breakdown_ms, compile_ms, others_ms, computed tokens [b])
+        for path, rows in groups.items():
+            mine = [calls[r] for r in rows]
+            if path == "dense":
+                first, cache, prefill_ms, compile_ms = self.runner.prefill([c.ids for c in mine], capacity, prefill_key)
+                after_ms = self._record_deltas(mine, cache, [range(len(c.layout.placeholders)) for c in mine])
+                parts[path] = (first, cache, {"prefill": prefill_ms}, compile_ms, after_ms, [0] * len(rows))
+            else:
+                first, cache, breakdown, compile_ms, computed = self.reuse_prefill(
+                    mine, [plans[r] for r in rows], capacity, prefill_key
+                )
+                after_ms = self._record_deltas(mine, cache, [plans[r].exact for r in rows])
+                parts[path] = (first, cache, breakdown, compile_ms, after_ms, computed)
 
-        order = groups[False] + groups[True]  # rows of the concatenated parts
-        first = jnp.concatenate([parts[k][0] for k in (False, True) if k in parts])  # [B]
-        cache = concat_rows([parts[k][1] for k in (False, True) if k in parts])
+        order = [row for rows in groups.values() for row in rows]  # rows of the concatenated parts
+        first = jnp.concatenate([part[0] for part in parts.values()])  # [B]
+        cache = concat_rows([part[1] for part in parts.values()])
         if order != sorted(order):  # back to request order
             inverse = jnp.asarray(sorted(range(len(order)), key=order.__getitem__), jnp.int32)
             first, cache = first[inverse], take_rows(cache, inverse)
@@ -303,8 +306,8 @@ class KVCommEngine:
         first = jax.device_get(first)
         records = []
         for row, (request, call, plan) in enumerate(zip(requests, calls, plans)):
-            _, _, breakdown, compile_ms, after_ms, computed = parts[plan.reuses]
-            n, computed = len(call.ids), computed[groups[plan.reuses].index(row)]
+            _, _, breakdown, compile_ms, after_ms, computed = parts[plan.path]
+            n, computed = len(call.ids), computed[groups[plan.path].index(row)]
             record = CallRecord(
                 request=request.index,
                 agent_id=agent_id,
