@@ -16,27 +16,15 @@ from kvcomm_jax.kvcomm.plans import (
     plan_targets,
     selection_candidates,
 )
-from kvcomm_jax.kvcomm.templates import AgentPrompt
 from kvcomm_jax.model.generation import pad_prompts
 from kvcomm_jax.model.registry import load_model
 from kvcomm_jax.testing import tiny_loaded_model
+from tests.test_engine import PROMPTS, QUESTIONS, SHORT_QUESTIONS
 
 # prefix0 [0, 5), question [5, 12), prefix1 [12, 15), response [15, 25), prefix2 [25, 28)
 LAYOUT = Layout.build(("user_question", "agent_0_current"), (5, 3, 3), (7, 10))
-PROMPTS = (
-    AgentPrompt(0, "You are a careful math solver.", "The task is:\n\n{user_question}\nSolve it step by step."),
-    AgentPrompt(
-        1,
-        "You are the final decision maker.",
-        "The task is:\n\n{user_question}\nAgent 0 as a solver answered: {agent_0_current}\nGive the final answer.",
-    ),
-)
-QUESTIONS = (
-    "Tom has 3 apples and buys 5 more. How many apples does he have?",
-    "A train travels 60 miles per hour for 2 hours. How far does it go?",
-    "Sara had 10 candies and ate 4. How many candies are left?",
-)
-SHORT_QUESTION = "Ann has 4 pens and loses 1 of them. How many pens remain?"
+WARM_QUESTIONS = QUESTIONS[:3]  # the anchors every warm engine here starts from
+SHORT_QUESTION = SHORT_QUESTIONS[0]
 
 
 # ---- plans ----
@@ -104,7 +92,7 @@ def _relative(a, b):
 def _warm(config, model=None):
     """An engine whose pools hold both questions' anchors for both agents (gamma 10: shared when possible)."""
     engine = KVCommEngine(model or tiny_loaded_model(), PROMPTS, config)
-    for question in QUESTIONS:
+    for question in WARM_QUESTIONS:
         request = engine.new_request(question)
         engine.run_agents([request], 0)
         engine.run_agents([request], 1)
@@ -229,7 +217,7 @@ def test_real_model_partial_and_exact_plans_are_exact_where_computed():
 
 def test_pool_telemetry_counts_anchors_hits_and_evictions():
     engine = KVCommEngine(tiny_loaded_model(), PROMPTS, EngineConfig(max_new_tokens=4, gamma=0.0, anchor_capacity=2))
-    for question in QUESTIONS + (SHORT_QUESTION,):  # gamma 0: every content becomes an anchor
+    for question in WARM_QUESTIONS + (SHORT_QUESTION,):  # gamma 0: every content becomes an anchor
         request = engine.new_request(question)
         engine.run_agent(request, 0)
     stats = engine.anchors.stats()["user_question"]
@@ -248,7 +236,7 @@ def test_anchor_coverage_reuses_a_content_longer_than_every_anchor():
     """Anchors from short questions serve a longer one: its uncovered tail is computed in context."""
     config = EngineConfig(max_new_tokens=4, gamma=10.0, anchor_coverage=True)
     engine = KVCommEngine(tiny_loaded_model(), PROMPTS, config)
-    for question in (SHORT_QUESTION, "A cat has 4 legs. How many legs do 2 big cats have?"):
+    for question in SHORT_QUESTIONS[:2]:
         request = engine.new_request(question)
         engine.run_agent(request, 0)
     request = engine.new_request(QUESTIONS[1])  # longer than both anchors
