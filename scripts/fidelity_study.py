@@ -60,30 +60,40 @@ def main() -> int:
     examples = task.load(limit=args.limit, offset=args.offset)
     model = load_model(args.model)
     start = time.perf_counter()
-    summary, results = run_study(
+    order = graph.topological_order()
+
+    def save(results: dict) -> tuple[dict, dict | None]:
+        """Summarize the plans run so far (and their steady state) and write the JSON when asked."""
+        summary = summarize(results, order)
+        steady = None
+        if 0 < args.warmup < len(examples):
+            steady = summarize({name: rows[args.warmup :] for name, rows in results.items()}, order)
+        if args.json:
+            write_json(args.json, {
+                "command": " ".join(sys.argv), **run_info(), "wall_s": time.perf_counter() - start, "task": args.task,
+                "model": model.source, "agents": args.agents, "questions": len(examples), "offset": args.offset,
+                "gamma": args.gamma, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+                "fidelity_tokens": args.fidelity_tokens, "plans": {name: PLANS[name] for name in results},
+                "complete": len(results) == len(plans), **summary, "warmup": args.warmup, "steady": steady,
+                "calls": {
+                    name: [{"question": row.example_id, "answer": row.answer, "correct": row.correct,
+                            "records": [{k: v for k, v in vars(r).items() if k != "response_ids"} for r in row.records]}
+                           for row in rows]
+                    for name, rows in results.items()
+                },
+            })
+        return summary, steady
+
+    _, results = run_study(
         model, task, graph, examples, plans, EngineConfig(gamma=args.gamma, max_new_tokens=args.max_new_tokens),
-        batch_size=args.batch_size, fidelity_tokens=args.fidelity_tokens,
+        batch_size=args.batch_size, fidelity_tokens=args.fidelity_tokens, after_plan=save,
     )
+    summary, steady = save(results)
     print(study_table(summary))
-    steady = None
-    if 0 < args.warmup < len(examples):
-        steady = summarize({name: rows[args.warmup :] for name, rows in results.items()}, graph.topological_order())
+    if steady is not None:
         print(f"\nafter the first {args.warmup} questions:\n{study_table(steady)}")
     if args.json:
-        write_json(args.json, {
-            "command": " ".join(sys.argv), **run_info(), "wall_s": time.perf_counter() - start, "task": args.task,
-            "model": model.source, "agents": args.agents, "questions": len(examples), "offset": args.offset,
-            "gamma": args.gamma, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
-            "fidelity_tokens": args.fidelity_tokens, "plans": {name: PLANS[name] for name in plans}, **summary,
-            "warmup": args.warmup, "steady": steady,
-            "calls": {
-                name: [{"question": row.example_id, "answer": row.answer, "correct": row.correct,
-                        "records": [{k: v for k, v in vars(r).items() if k != "response_ids"} for r in row.records]}
-                       for row in rows]
-                for name, rows in results.items()
-            },
-        })
-        print(f"wrote {args.json}")
+        print(f"wrote {args.json} (also after each plan)")
     if args.plot:
         plot_study(args.plot, summary, f"{args.task}, {args.agents} agents, {len(examples)} questions: cost vs fidelity")
         print(f"wrote {args.plot}")

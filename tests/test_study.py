@@ -40,11 +40,13 @@ def test_study_runs_each_plan_on_the_same_questions_and_reports_them(tmp_path):
     graph = make_graph("full_connected", 2, task.worker_roles, task.decision_role)
     examples = [Example(f"q{i}", q, "8") for i, q in enumerate(QUESTIONS)]
     plans = ("kvcomm_exact_r0.1", "dense", "cacheblend_0.15")
+    saved = []
     summary, results = run_study(
         tiny_loaded_model(), task, graph, examples, plans, EngineConfig(max_new_tokens=4),
-        batch_size=2, fidelity_tokens=4, progress=False,
+        batch_size=2, fidelity_tokens=4, progress=False, after_plan=lambda so_far: saved.append(list(so_far)),
     )
     assert list(results) == ["dense", "kvcomm_exact_r0.1", "cacheblend_0.15"]  # dense first
+    assert saved == [["dense"], ["dense", "kvcomm_exact_r0.1"], list(results)]  # each plan saved as it ends
     for name, rows in results.items():
         assert [row.example_id for row in rows] == ["q0", "q1"]
     blend = [r for row in results["cacheblend_0.15"] for r in row.records]

@@ -10,7 +10,7 @@ harmless as a precision change when it disagrees with dense no more than ``dense
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 from kvcomm_jax.agents.graphs import AgentGraph
 from kvcomm_jax.agents.pipeline import QuestionResult, run_pipeline, summarize
@@ -56,8 +56,13 @@ def run_study(
     batch_size: int = 8,
     fidelity_tokens: int = 32,
     progress: bool = True,
+    after_plan: Callable[[dict[str, list[QuestionResult]]], None] | None = None,
 ) -> tuple[dict, dict[str, list[QuestionResult]]]:
-    """Run every plan on ``examples`` (dense first); ``(summary, results per plan)`` as :func:`summarize` gives them."""
+    """Run every plan on ``examples`` (dense first); ``(summary, results per plan)`` as :func:`summarize` gives them.
+
+    ``after_plan``, when given, is called with the results so far after each plan, so a long
+    study can save what it has measured before it ends.
+    """
     check_plans(plans)
     results: dict[str, list[QuestionResult]] = {}
     for name in sorted(plans, key=lambda n: n != "dense"):
@@ -67,6 +72,8 @@ def run_study(
             progress=progress, batch_size=batch_size, fidelity_tokens=fidelity_tokens,
         )
         results[name] = rows[mode]
+        if after_plan is not None:
+            after_plan(results)
     return summarize(results, graph.topological_order()), results
 
 
