@@ -74,7 +74,7 @@ def test_single_anchor_from_the_same_request_reproduces_the_dense_cache():
         assert engine.run_agent(request, agent).path == "dense"  # empty pools: contents become anchors
     for agent in (0, 1):
         call = engine.prepare_call(request, agent)
-        assert all(int(engine.pools[n].valid.sum()) == 1 for n in call.contents)
+        assert all(int(engine.anchors.books[n].valid.sum()) == 1 for n in call.contents)
         plan = Plan("reuse", spans=(Span(len(call.ids) - 1, 1),))  # forced: the gate would call these new anchors
         first, cache, _, _, computed = engine.reuse_prefill([call], [plan], call.capacity, jax.random.PRNGKey(0))
         assert computed == [1]
@@ -176,8 +176,9 @@ def test_agent_without_its_own_deltas_does_not_reuse_that_placeholder(partial_re
         engine.run_agent(request, 0)
         engine.run_agent(request, 1)
     # drop agent 1's deltas from the question pool: it may no longer reuse
-    pool = engine.pools["user_question"]
-    engine.pools["user_question"] = pool.replace(consumers={"0": pool.consumers["0"]})
+    pools = dict(engine.pools)
+    pools["user_question"] = pools["user_question"].replace(consumers={"0": pools["user_question"].consumers["0"]})
+    engine.anchors.replace_all(pools)  # as a restored checkpoint: the bookkeeping is read from the pools
     request = engine.new_request(SHORT_QUESTIONS[0])
     assert engine.run_agent(request, 0).path == "reuse"
     record = engine.run_agent(request, 1)

@@ -23,6 +23,7 @@ from kvcomm_jax.kvcomm.persistence import (
     save_params,
     save_pools,
 )
+from kvcomm_jax.kvcomm.slot_book import SlotBook
 from kvcomm_jax.model.config import tiny_config
 from kvcomm_jax.model.transformer import init_params
 from kvcomm_jax.scale import sharding
@@ -40,12 +41,12 @@ def _pool(seed: int, dtype=jnp.float32, anchors: int = 3, capacity: int = 4, tok
     def kv(t, scale=1.0):
         return jnp.asarray(scale * rng.standard_normal((L, H, t, D)), dtype)
 
-    pool = empty_pool(capacity, L, H, D, tokens, dtype)
+    pool, book = empty_pool(capacity, L, H, D, tokens, dtype), SlotBook.empty(capacity)
     for i in range(anchors):
-        pool, slot = insert_anchor(pool, kv(tokens), kv(tokens), tokens - i, window=2)
-        pool = record_deltas(pool, slot, 1, kv(tokens, 0.1), kv(tokens, 0.1), kv(8, 0.1), kv(8, 0.1))
+        pool, slot = insert_anchor(pool, book, kv(tokens), kv(tokens), tokens - i, window=2)
+        pool = record_deltas(pool, book, slot, 1, kv(tokens, 0.1), kv(tokens, 0.1), kv(8, 0.1), kv(8, 0.1))
         if i == 0:
-            pool = record_deltas(pool, slot, 2, kv(tokens, 0.1), kv(tokens, 0.1), kv(4, 0.1), kv(4, 0.1))
+            pool = record_deltas(pool, book, slot, 2, kv(tokens, 0.1), kv(tokens, 0.1), kv(4, 0.1), kv(4, 0.1))
     return pool
 
 

@@ -16,6 +16,7 @@ from multiprocess_worker import (
 
 from kvcomm_jax.compile_counter import no_new_compiles
 from kvcomm_jax.kvcomm.anchor_pool import empty_pool, insert_anchor, record_deltas
+from kvcomm_jax.kvcomm.slot_book import SlotBook
 from kvcomm_jax.model.config import tiny_config
 from kvcomm_jax.model.kv_cache import KVCache, init_cache
 from kvcomm_jax.model.transformer import forward
@@ -169,27 +170,28 @@ def test_pool_updates_on_sharded_pool_equal_unsharded(mesh, case):
     ops = _pool_ops(config, np.random.RandomState(3))
 
     def build(insert, record, pool):
+        book = SlotBook.empty(pool.slots)
         for keys, values, length, deltas in ops:
-            pool, slot = insert(pool, keys, values, length)
+            pool, slot = insert(pool, book, keys, values, length)
             for consumer, *arrays in deltas:
-                pool = record(pool, slot, consumer, *arrays)
+                pool = record(pool, book, slot, consumer, *arrays)
         return pool
 
     def fresh():  # one slot allocated: the slot axis grows 1 -> 2 -> 4 (replicated over data, then split)
         return empty_pool(4, config.num_layers, config.num_kv_heads, config.head_dim, 16, jnp.float32, slots=1)
 
     want = build(
-        lambda p, k, v, n: insert_anchor(p, k, v, n, window=2),
-        lambda p, s, c, *a: record_deltas(p, s, c, *a),
+        lambda p, b, k, v, n: insert_anchor(p, b, k, v, n, window=2),
+        record_deltas,
         fresh(),
     )
-    def insert_placed(p, k, v, n):  # as the engine's anchor store does: update, then lay out again
-        p, slot = insert_anchor(p, k, v, n, window=2)
+    def insert_placed(p, b, k, v, n):  # as the engine's anchor store does: update, then lay out again
+        p, slot = insert_anchor(p, b, k, v, n, window=2)
         return sharding.place(p, mesh), slot
 
     got = build(
         insert_placed,
-        lambda p, s, c, *a: sharding.place(record_deltas(p, s, c, *a), mesh),
+        lambda p, b, s, c, *a: sharding.place(record_deltas(p, b, s, c, *a), mesh),
         sharding.place(fresh(), mesh),
     )
     assert sorted(got.consumers) == ["1", "2"] and got.slots == 4
@@ -208,7 +210,7 @@ def test_pool_token_axis_grows_sharded(mesh, case):
     pool = empty_pool(4, config.num_layers, config.num_kv_heads, config.head_dim, 16, jnp.float32)
     pool = sharding.place(pool, mesh)
     keys = np.ones((config.num_layers, config.num_kv_heads, 32, config.head_dim), np.float32)
-    pool, slot = insert_anchor(pool, keys, keys, 20, window=2)
+    pool, slot = insert_anchor(pool, SlotBook.empty(pool.slots), keys, keys, 20, window=2)
     pool = sharding.place(pool, mesh)
     assert pool.token_capacity == 32 and slot == 0
     _assert_spread(pool.keys, 8)

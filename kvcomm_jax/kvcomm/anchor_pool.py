@@ -4,7 +4,9 @@ An anchor is one observed content of the placeholder: its base keys (frame 0,
 i.e. de-rotated to position 0) and values over the content, and for every
 consuming agent that has observed it, the deviations ``real - base`` over the
 content and over that agent's prefix segment right after the placeholder.
-Activation counts and ages live in the same pytree. At most ``capacity`` (V)
+Activation counts and ages live in the same pytree, written from the host's
+:class:`~kvcomm_jax.kvcomm.slot_book.SlotBook` (the truth every decision reads) and never
+read back during a call. At most ``capacity`` (V)
 anchors are ever held; the slot axis starts small and doubles (up to V) as
 anchors arrive, so a young pool costs little memory and matching work, and the
 token axis is padded to a bucket that grows when a longer content arrives.
@@ -17,14 +19,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
 from kvcomm_jax.kvcomm.segments import fit_tokens
+from kvcomm_jax.kvcomm.slot_book import SlotBook
 from kvcomm_jax.model.buckets import bucket_length
 
 ANCHOR_AXES = ("anchors", "layers", "kv_heads", "tokens", "head_dim")  # [V, L, H, T, D] stacks
-SLOT_AXES = ("anchor_slots",)  # [V] bookkeeping, replicated: the host reads it
+SLOT_AXES = ("anchor_slots",)  # [V] bookkeeping, replicated: written from the host's SlotBook
 
 
 @struct.dataclass
@@ -97,13 +99,6 @@ class AnchorPool:
         """``(L, H, D)`` of the model the pool was built with."""
         return self.keys.shape[1], self.keys.shape[2], self.keys.shape[4]
 
-    def usable_for(self, consumer: int, length: int) -> np.ndarray:
-        """``[V]`` bool: anchors that may correct a content of ``length`` tokens for ``consumer``."""
-        deltas = self.consumers.get(str(consumer))
-        if deltas is None:
-            return np.zeros(self.slots, bool)
-        return np.asarray(self.valid) & np.asarray(deltas.present) & (np.asarray(self.lengths) >= length)
-
 
 def empty_pool(
     capacity: int, num_layers: int, num_kv_heads: int, head_dim: int, tokens: int, dtype, slots: int | None = None
@@ -154,51 +149,39 @@ def ensure_token_capacity(pool: AnchorPool, length: int) -> AnchorPool:
     return pool.replace(keys=fit_tokens(pool.keys, tokens), values=fit_tokens(pool.values, tokens), consumers=consumers)
 
 
-def choose_slot(pool: AnchorPool, window: int) -> int:
-    """The slot a new anchor goes to: the first free one (``pool.slots`` means "grow first"),
-    else evict among the ``window`` oldest the least activated.
-
-    Ties on activation go to the oldest. Bookkeeping on ``[V]`` arrays, done on the host.
-    """
-    valid = np.asarray(pool.valid)
-    free = np.flatnonzero(~valid)
-    if free.size:
-        return int(free[0])
-    if pool.slots < pool.capacity:
-        return pool.slots
-    ages, activations = np.asarray(pool.ages), np.asarray(pool.activations)
-    oldest = np.argsort(ages, kind="stable")[: max(1, window)]
-    # lexsort: last key is primary -> lowest activation, then oldest
-    return int(oldest[np.lexsort((ages[oldest], activations[oldest]))[0]])
-
-
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _write_anchor(pool: AnchorPool, slot, keys0, values, length) -> AnchorPool:
-    keys0, values = fit_tokens(keys0, pool.token_capacity), fit_tokens(values, pool.token_capacity)  # [L, H, T, D]
-    consumers = {k: c.replace(present=c.present.at[slot].set(False)) for k, c in pool.consumers.items()}
+def publish(pool: AnchorPool, book: SlotBook) -> AnchorPool:
+    """``pool`` with its ``[V]`` bookkeeping (and every consumer's ``present``) written from ``book``."""
     return pool.replace(
-        keys=pool.keys.at[slot].set(keys0.astype(pool.keys.dtype)),
-        values=pool.values.at[slot].set(values.astype(pool.values.dtype)),
-        lengths=pool.lengths.at[slot].set(length),
-        valid=pool.valid.at[slot].set(True),
-        activations=pool.activations.at[slot].set(0),
-        ages=pool.ages.at[slot].set(pool.next_age),
-        next_age=pool.next_age + 1,
-        consumers=consumers,
+        lengths=jnp.asarray(book.lengths), valid=jnp.asarray(book.valid), activations=jnp.asarray(book.activations),
+        ages=jnp.asarray(book.ages), next_age=jnp.asarray(book.next_age, jnp.int32),
+        consumers={k: c.replace(present=jnp.asarray(book.present[k])) for k, c in pool.consumers.items()},
     )
 
 
-def insert_anchor(pool: AnchorPool, keys0, values, length: int, window: int) -> tuple[AnchorPool, int]:
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def _write_base(keys, values, slot, keys0, new_values):
+    """keys, values ``[V, L, H, T, D]`` with slot ``slot`` set to a content's ``[L, H, Tb, D]`` base KV."""
+    T = keys.shape[3]
+    keys0, new_values = fit_tokens(keys0, T), fit_tokens(new_values, T)  # [L, H, T, D]
+    return keys.at[slot].set(keys0.astype(keys.dtype)), values.at[slot].set(new_values.astype(values.dtype))
+
+
+def insert_anchor(pool: AnchorPool, book: SlotBook, keys0, values, length: int, window: int) -> tuple[AnchorPool, int]:
     """Store a content's base KV (``[L, H, Tb, D]``, ``length`` valid tokens) as a new anchor.
 
-    Evicts when full (see :func:`choose_slot`); the evicted slot's consumer deltas are
-    cleared. Returns the new pool and the slot used. The input pool is donated.
+    The slot comes from ``book`` (updated in place): the first free one, growing the pool
+    when none is, else an eviction (see :meth:`SlotBook.choose_slot`); the evicted slot's
+    consumer deltas are dropped. Returns the new pool and the slot used. The input pool's
+    KV is donated.
     """
     pool = ensure_token_capacity(pool, length)
-    slot = choose_slot(pool, window)
+    slot = book.choose_slot(window, pool.capacity)
     if slot == pool.slots:
         pool = grow_slots(pool)
-    return _write_anchor(pool, jnp.int32(slot), keys0, values, jnp.int32(length)), slot
+        book.grow(pool.slots)
+    book.insert(slot, length)
+    keys, new_values = _write_base(pool.keys, pool.values, jnp.int32(slot), keys0, values)
+    return publish(pool.replace(keys=keys, values=new_values), book), slot
 
 
 def _empty_consumer(pool: AnchorPool, prefix_tokens: int) -> ConsumerDeltas:
@@ -212,6 +195,7 @@ def _empty_consumer(pool: AnchorPool, prefix_tokens: int) -> ConsumerDeltas:
 
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _write_deltas(deltas: ConsumerDeltas, slot, ph_keys, ph_values, pf_keys, pf_values) -> ConsumerDeltas:
+    """``deltas`` with slot ``slot`` set (``present`` is left to :func:`publish`)."""
     T = deltas.placeholder_keys.shape[3]
     fit = functools.partial(fit_tokens, tokens=T)  # [L, H, Tb, D] -> [L, H, T, D]
 
@@ -220,12 +204,14 @@ def _write_deltas(deltas: ConsumerDeltas, slot, ph_keys, ph_values, pf_keys, pf_
         placeholder_values=deltas.placeholder_values.at[slot].set(fit(ph_values).astype(deltas.placeholder_values.dtype)),
         prefix_keys=deltas.prefix_keys.at[slot].set(pf_keys.astype(deltas.prefix_keys.dtype)),
         prefix_values=deltas.prefix_values.at[slot].set(pf_values.astype(deltas.prefix_values.dtype)),
-        present=deltas.present.at[slot].set(True),
+        present=deltas.present,
     )
 
 
-def record_deltas(pool: AnchorPool, slot: int, consumer: int, ph_keys, ph_values, pf_keys, pf_values) -> AnchorPool:
-    """Store ``consumer``'s deviations for the anchor in ``slot``.
+def record_deltas(
+    pool: AnchorPool, book: SlotBook, slot: int, consumer: int, ph_keys, ph_values, pf_keys, pf_values
+) -> AnchorPool:
+    """Store ``consumer``'s deviations for the anchor in ``slot`` (marked in ``book``, updated in place).
 
     ph_*: ``[L, H, Tb, D]`` over the content (zero beyond its length); pf_*:
     ``[L, H, Tp, D]`` over the consumer's prefix segment (Tp fixed per consumer).
@@ -240,12 +226,14 @@ def record_deltas(pool: AnchorPool, slot: int, consumer: int, ph_keys, ph_values
         )
     consumers = dict(pool.consumers)
     consumers[key] = _write_deltas(deltas, jnp.int32(slot), ph_keys, ph_values, pf_keys, pf_values)
-    return pool.replace(consumers=consumers)
+    book.mark_deltas(consumer, slot)
+    return publish(pool.replace(consumers=consumers), book)
 
 
-def add_activations(pool: AnchorPool, increments) -> AnchorPool:
-    """Activation counts += ``increments [V]``."""
-    return pool.replace(activations=pool.activations + jnp.asarray(increments, jnp.int32))
+def add_activations(pool: AnchorPool, book: SlotBook, increments) -> AnchorPool:
+    """Activation counts += ``increments [V]`` (in ``book``, updated in place, and on the device)."""
+    book.activate(increments)
+    return publish(pool, book)
 
 
 def check_pool_shapes(pool: AnchorPool, num_layers: int, num_kv_heads: int, head_dim: int, name: str = "pool") -> None:

@@ -3,7 +3,9 @@
 The store creates, grows and places each placeholder's
 :class:`~kvcomm_jax.kvcomm.anchor_pool.AnchorPool`, runs anchor prediction on new
 contents, inserts anchors and records consumers' deltas, and hands a consumer the
-anchor inputs for one content. Every pool it holds is laid out on its mesh.
+anchor inputs for one content. Every pool it holds is laid out on its mesh; its
+bookkeeping is a host :class:`~kvcomm_jax.kvcomm.slot_book.SlotBook`, so no decision reads a
+device array back (only anchor prediction's results come back, once per step).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from kvcomm_jax.kvcomm.matching import predict
 from kvcomm_jax.kvcomm.request import Content
 from kvcomm_jax.kvcomm.reuse import AnchorInputs
 from kvcomm_jax.kvcomm.segments import SegmentKV
+from kvcomm_jax.kvcomm.slot_book import SlotBook
 from kvcomm_jax.kvcomm.templates import placeholder_producer
 from kvcomm_jax.model.buckets import bucket_length
 from kvcomm_jax.model.config import ModelConfig
@@ -60,6 +63,7 @@ class AnchorStore:
         self.config = config
         self.capacity, self.window, self.gamma, self.mesh, self.coverage = capacity, window, gamma, mesh, coverage
         self.pools: dict[str, AnchorPool] = {}
+        self.books: dict[str, SlotBook] = {}  # the host bookkeeping of each pool
         self.evictions: dict[str, int] = {}  # anchors replaced by a new one, per placeholder
 
     def _set(self, name: str, pool: AnchorPool) -> AnchorPool:
@@ -79,6 +83,7 @@ class AnchorStore:
             tokens = bucket_length(length, what=f"placeholder {{{name}}} content")
             slots = min(2, self.capacity)
             pool = empty_pool(self.capacity, c.num_layers, c.num_kv_heads, c.head_dim, tokens, c.jnp_dtype, slots=slots)
+            self.books[name] = SlotBook.empty(slots)
             return self._set(name, pool)
         if length > self.pools[name].token_capacity:
             return self._set(name, ensure_token_capacity(self.pools[name], length))
@@ -96,47 +101,47 @@ class AnchorStore:
             predict(c.base.values, c.base.length, pool.values, pool.lengths, pool.valid, self.gamma, self.coverage)[:2]
             for c in contents
         ])
-        held = np.asarray(pool.valid)  # [V]
+        book = self.books[name]
+        held, lengths = book.valid.copy(), book.lengths.copy()  # [V] as the predictions saw them
         for content, (becomes_anchor, increments) in zip(contents, predictions):
             content.becomes_anchor = bool(becomes_anchor)
             length = 1 if self.coverage else len(content.ids)
-            content.anchor_reason = _anchor_reason(held, np.asarray(pool.lengths), length) if becomes_anchor else None
+            content.anchor_reason = _anchor_reason(held, lengths, length) if becomes_anchor else None
             if not content.becomes_anchor:
-                pool = add_activations(pool, increments)
-        self.pools[name] = pool
+                pool = add_activations(pool, book, increments)
+        self._set(name, pool)
 
     def unusable_reason(self, name: str, consumer: int, length: int) -> str | None:
         """Why no anchor of ``name`` may correct a ``length``-token content for ``consumer``; None when one may."""
         if self.usable(name, consumer, length).any():
             return None
-        pool = self.pools.get(name)
-        deltas = None if pool is None else pool.consumers.get(str(consumer))
-        if deltas is None or not np.any(np.asarray(pool.valid) & np.asarray(deltas.present)):
+        book = self.books.get(name)
+        if book is None or not book.holds_deltas(consumer):
             return f"{{{name}}}: no anchor holds agent {consumer}'s deltas"
         return f"{{{name}}}: no anchor with agent {consumer}'s deltas is {length} tokens long"
 
     def usable(self, name: str, consumer: int, length: int) -> np.ndarray:
         """``[V]`` bool: anchors of ``name`` that may correct a ``length``-token content for ``consumer``."""
-        if name not in self.pools:
+        if name not in self.books:
             return np.zeros(0, bool)
-        return self.pools[name].usable_for(consumer, 1 if self.coverage else length)
+        return self.books[name].usable_for(consumer, 1 if self.coverage else length)
 
     def covered(self, name: str, consumer: int, length: int) -> int:
         """Leading tokens of a ``length``-token content that some usable anchor covers (all of them without coverage)."""
         usable = self.usable(name, consumer, length)
-        return min(length, int(np.asarray(self.pools[name].lengths)[usable].max(initial=0)))
+        return min(length, int(self.books[name].lengths[usable].max(initial=0)))
 
     def store(self, name: str, content: Content, consumer: int, placeholder_delta: SegmentKV, prefix_delta: SegmentKV) -> None:
         """Record ``consumer``'s deviations for ``content``, inserting the content as an anchor first if it is new."""
         length = len(content.ids)
-        pool = self.pool(name, length)
+        pool, book = self.pool(name, length), self.books[name]
         if content.slot is None:
-            if pool.slots == self.capacity and np.asarray(pool.valid).all():
+            if pool.slots == self.capacity and book.valid.all():
                 self.evictions[name] = self.evictions.get(name, 0) + 1
-            pool, content.slot = insert_anchor(pool, content.base.keys, content.base.values, length, self.window)
+            pool, content.slot = insert_anchor(pool, book, content.base.keys, content.base.values, length, self.window)
             pool = self._set(name, pool)
         pool = record_deltas(
-            pool, content.slot, consumer,
+            pool, book, content.slot, consumer,
             placeholder_delta.keys, placeholder_delta.values, prefix_delta.keys, prefix_delta.values,
         )
         self._set(name, pool)
@@ -154,7 +159,8 @@ class AnchorStore:
             pool = empty_pool(1, c.num_layers, c.num_kv_heads, c.head_dim, 1, c.jnp_dtype)
             zeros = functools.partial(jnp.zeros, dtype=pool.keys.dtype)
             prefix = zeros((c.num_layers, c.num_kv_heads, prefix_tokens, c.head_dim))  # [L, H, Tp, D]
-            pool = record_deltas(pool, 0, consumer, zeros(pool.keys.shape[1:]), zeros(pool.keys.shape[1:]), prefix, prefix)
+            empty = zeros(pool.keys.shape[1:])
+            pool = record_deltas(pool, SlotBook.empty(1), 0, consumer, empty, empty, prefix, prefix)
             usable = np.zeros((len(contents), 1), bool)
         else:
             usable = np.stack([self.usable(name, consumer, len(c.ids)) for c in contents])  # [B, V]
@@ -168,10 +174,10 @@ class AnchorStore:
         """Per placeholder: anchors held, hits (activations) per held anchor, evictions, slots and bytes allocated."""
         out = {}
         for name, pool in self.pools.items():
-            held = np.asarray(pool.valid)
+            book = self.books[name]
             out[name] = {
-                "anchors": int(held.sum()),
-                "hits": np.asarray(pool.activations)[held].tolist(),
+                "anchors": int(book.valid.sum()),
+                "hits": book.activations[book.valid].tolist(),
                 "evictions": self.evictions.get(name, 0),
                 "slots": pool.slots,
                 "bytes": sum(leaf.nbytes for leaf in jax.tree.leaves(pool)),
@@ -186,6 +192,7 @@ class AnchorStore:
             check_pool_shapes(pool, c.num_layers, c.num_kv_heads, c.head_dim, name)
             if pool.keys.dtype != c.jnp_dtype:
                 raise ValueError(f"anchor pool {name!r} has dtype {pool.keys.dtype}, the model uses {c.dtype}")
-        self.pools = {}
+        self.pools, self.books = {}, {}
         for name, pool in pools.items():
+            self.books[name] = SlotBook.read(pool)
             self._set(name, pool)

@@ -35,6 +35,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from kvcomm_jax.kvcomm.anchor_pool import AnchorPool, empty_pool, record_deltas
+from kvcomm_jax.kvcomm.slot_book import SlotBook
 from kvcomm_jax.model.config import ModelConfig
 from kvcomm_jax.model.params import check_param_shapes, param_shapes
 from kvcomm_jax.scale.sharding import (
@@ -131,9 +132,10 @@ def abstract_pool(structure: dict) -> AnchorPool:
 
     def build():
         pool = empty_pool(s["capacity"], L, H, D, T, jnp.dtype(s["dtype"]), slots=s["slots"])
+        book = SlotBook.empty(s["slots"])
         for key, prefix_tokens in s["consumers"].items():
             content, prefix = jnp.zeros((L, H, T, D)), jnp.zeros((L, H, prefix_tokens, D))
-            pool = record_deltas(pool, 0, key, content, content, prefix, prefix)
+            pool = record_deltas(pool, book, 0, key, content, content, prefix, prefix)
         return pool
 
     return jax.eval_shape(build)

@@ -17,7 +17,8 @@ Rules and fallback:
   device holds whole heads;
 * a mesh axis is used at most once per array (the first dimension that claims it);
 * the ``[V]`` bookkeeping of an anchor pool (lengths, valid, activations, ages) is
-  replicated on purpose: the host reads it, which needs every process to hold all of it.
+  replicated on purpose: it is written from the host's ``SlotBook``, the same on every process,
+  and read back whole when a checkpoint is restored.
 
 There is one code path with or without devices to spread over: "no mesh" is the
 one-device mesh of :func:`single_device_mesh`. Arrays are placed once with
@@ -52,7 +53,7 @@ LOGICAL_RULES: dict[str, str | None] = {
     "embed": None,
     "tokens": None,
     "head_dim": None,
-    "anchor_slots": None,  # [V] pool bookkeeping, read on the host
+    "anchor_slots": None,  # [V] pool bookkeeping, written from the host's SlotBook
 }
 
 
