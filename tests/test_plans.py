@@ -16,6 +16,7 @@ from kvcomm_jax.kvcomm.plans import (
     plan_targets,
     selection_candidates,
 )
+from kvcomm_jax.kvcomm.slot_book import SlotBook
 from kvcomm_jax.model.generation import pad_prompts
 from kvcomm_jax.model.registry import load_model
 from kvcomm_jax.testing import tiny_loaded_model
@@ -225,6 +226,12 @@ def test_pool_telemetry_counts_anchors_hits_and_evictions():
     assert stats["evictions"] == 2  # the third and fourth questions each replaced one
     pool = engine.pools["user_question"]
     assert stats["bytes"] == sum(leaf.nbytes for leaf in jax.tree.leaves(pool)) > pool.keys.nbytes
+    for name, pool in engine.pools.items():  # the device bookkeeping is the host book, written from it
+        book, on_device = engine.anchors.books[name], SlotBook.read(pool)
+        assert on_device.next_age == book.next_age and on_device.present.keys() == book.present.keys()
+        for a, b in [(on_device.lengths, book.lengths), (on_device.valid, book.valid), (on_device.ages, book.ages),
+                     (on_device.activations, book.activations), *zip(on_device.present.values(), book.present.values())]:
+            np.testing.assert_array_equal(a, b)
 
 
 def test_uncovered_tokens_of_a_reused_content_are_computed():
