@@ -24,6 +24,7 @@ from kvcomm_jax.bench.study import (  # noqa: E402
     check_plans,
     plot_study,
     run_study,
+    selection_table,
     study_table,
 )
 from kvcomm_jax.kvcomm.config import EngineConfig  # noqa: E402
@@ -44,6 +45,8 @@ def main() -> int:
     parser.add_argument("--plans", default=",".join(PLANS), help=f"comma-separated (known: {','.join(PLANS)})")
     parser.add_argument("--warmup", type=int, default=0,
                         help="also summarize the questions after the first WARMUP apart (the pools' steady state)")
+    parser.add_argument("--compare-selection", action="store_true",
+                        help="in kvcomm plans with a recompute ratio, compare selection rules on the same calls and budget")
     parser.add_argument("--json")
     parser.add_argument("--plot")
     args = parser.parse_args()
@@ -86,12 +89,17 @@ def main() -> int:
 
     _, results = run_study(
         model, task, graph, examples, plans, EngineConfig(gamma=args.gamma, max_new_tokens=args.max_new_tokens),
-        batch_size=args.batch_size, fidelity_tokens=args.fidelity_tokens, after_plan=save,
+        batch_size=args.batch_size, fidelity_tokens=args.fidelity_tokens, compare_selection=args.compare_selection,
+        after_plan=save,
     )
     summary, steady = save(results)
-    print(study_table(summary))
-    if steady is not None:
-        print(f"\nafter the first {args.warmup} questions:\n{study_table(steady)}")
+    for title, part in (("all questions", summary), (f"after the first {args.warmup} questions", steady)):
+        if part is None:
+            continue
+        print(f"\n{title}:\n{study_table(part)}")
+        selection = selection_table(part)
+        if selection:
+            print(f"\nselection rules on the same calls and budget ({title}):\n{selection}")
     if args.json:
         print(f"wrote {args.json} (also after each plan)")
     if args.plot:

@@ -11,6 +11,7 @@ from kvcomm_jax.agents.graphs import make_graph
 from kvcomm_jax.agents.pipeline import MODE_CHOICES, run_pipeline, summarize
 from kvcomm_jax.agents.tasks import Example, get_task
 from kvcomm_jax.kvcomm.engine import EngineConfig, KVCommEngine
+from kvcomm_jax.kvcomm.plans import Plan
 from kvcomm_jax.kvcomm.probes import (
     FidelityProbe,
     teacher_forced_metrics,
@@ -22,6 +23,9 @@ from kvcomm_jax.testing import tiny_loaded_model
 from tests.test_engine import PROMPTS, QUESTIONS, SHORT_QUESTIONS
 
 TOKENS = 16  # teacher-forced positions: with ~50-token prompts, more than a 64-slot cache holds
+
+
+DENSE = [Plan("dense")]  # the plan of a dense row, for probes called directly
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +87,11 @@ def test_dense_against_itself_agrees_exactly(dense_engine):
 def test_perturbed_cache_disagrees_and_a_small_cache_grows(dense_rows):
     engine, calls, cache, first = dense_rows
     assert cache.capacity < max(len(c.ids) for c in calls) - 1 + TOKENS  # the probe must grow it
-    found = FidelityProbe(tokens=TOKENS, kv_errors=False)(engine, calls, _perturbed(cache), first, jax.random.PRNGKey(0))
+    plans = DENSE * len(calls)
+    found = FidelityProbe(tokens=TOKENS, kv_errors=False)(engine, calls, plans, _perturbed(cache), first, jax.random.PRNGKey(0))
     for f in found:
         assert f["kl"] > 1e-3 and f["top1_agreement"] < 1.0 and f["response_agreement"] is False
-    exact = FidelityProbe(tokens=TOKENS, kv_errors=False)(engine, calls, cache, first, jax.random.PRNGKey(0))
+    exact = FidelityProbe(tokens=TOKENS, kv_errors=False)(engine, calls, plans, cache, first, jax.random.PRNGKey(0))
     assert all(f["kl"] == 0.0 and f["top1_agreement"] == 1.0 for f in exact)
 
 
@@ -94,10 +99,10 @@ def test_batched_rows_equal_one_by_one(dense_rows):
     engine, calls, cache, first = dense_rows
     probe, key = FidelityProbe(tokens=TOKENS, kv_errors=False), jax.random.PRNGKey(0)
     perturbed = _perturbed(cache)
-    batched = probe(engine, calls, perturbed, first, key)
+    batched = probe(engine, calls, DENSE * len(calls), perturbed, first, key)
     for row, call in enumerate(calls):
         rows = jnp.asarray([row], jnp.int32)
-        (alone,) = probe(engine, [call], take_rows(perturbed, rows), first[rows], key)
+        (alone,) = probe(engine, [call], DENSE, take_rows(perturbed, rows), first[rows], key)
         assert alone["teacher_forced_tokens"] == batched[row]["teacher_forced_tokens"]
         assert alone["top1_agreement"] == batched[row]["top1_agreement"]
         assert alone["kl"] == pytest.approx(batched[row]["kl"], rel=1e-4)

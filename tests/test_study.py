@@ -3,6 +3,7 @@
 import pytest
 
 from kvcomm_jax.agents.graphs import make_graph
+from kvcomm_jax.agents.pipeline import agent_prompts, mode_engine
 from kvcomm_jax.agents.tasks import Example, get_task
 from kvcomm_jax.bench.study import (
     PLANS,
@@ -10,9 +11,11 @@ from kvcomm_jax.bench.study import (
     computed_share,
     plot_study,
     run_study,
+    selection_table,
     study_table,
 )
 from kvcomm_jax.kvcomm.config import EngineConfig
+from kvcomm_jax.kvcomm.selection_probe import VARIANTS, SelectionProbe
 from kvcomm_jax.testing import tiny_loaded_model
 
 QUESTIONS = (
@@ -43,7 +46,8 @@ def test_study_runs_each_plan_on_the_same_questions_and_reports_them(tmp_path):
     saved = []
     summary, results = run_study(
         tiny_loaded_model(), task, graph, examples, plans, EngineConfig(max_new_tokens=4),
-        batch_size=2, fidelity_tokens=4, progress=False, after_plan=lambda so_far: saved.append(list(so_far)),
+        batch_size=2, fidelity_tokens=4, progress=False, compare_selection=True,
+        after_plan=lambda so_far: saved.append(list(so_far)),
     )
     assert list(results) == ["dense", "kvcomm_exact_r0.1", "cacheblend_0.15"]  # dense first
     assert saved == [["dense"], ["dense", "kvcomm_exact_r0.1"], list(results)]  # each plan saved as it ends
@@ -56,6 +60,25 @@ def test_study_runs_each_plan_on_the_same_questions_and_reports_them(tmp_path):
     assert 0 < computed_share(summary["modes"]["cacheblend_0.15"]) < 1
     table = study_table(summary)
     assert all(f"| {name} |" in table for name in plans)
+    assert summary["modes"]["cacheblend_0.15"]["selection"] is None  # selection rules compared only in kvcomm plans
     plot = tmp_path / "study.png"
     plot_study(str(plot), summary, "tiny")
     assert plot.stat().st_size > 0
+
+
+@pytest.mark.parametrize("mode, ratio, probed", [("kvcomm", 0.1, True), ("kvcomm", None, False), ("cacheblend", 0.1, False)])
+def test_selection_rules_are_compared_only_in_kvcomm_with_a_budget(mode, ratio, probed):
+    task = get_task("gsm8k")
+    prompts = agent_prompts(task, make_graph("full_connected", 2, task.worker_roles, task.decision_role))
+    engine = mode_engine(mode, tiny_loaded_model(), prompts, EngineConfig(recompute_ratio=ratio), None, 4, compare_selection=True)
+    assert any(isinstance(p, SelectionProbe) for p in engine.probes) == probed
+
+
+def test_selection_table_has_one_row_per_rule_of_each_comparing_plan():
+    metrics = {"top1_agreement": 0.9, "kl": 0.01, "response_agreement": 0.5}
+    comparing = {"selection": {**{v: metrics for v in VARIANTS}, "calls": 3, "budget_share": 0.1}}
+    summary = {"modes": {"dense": {"selection": None}, "kvcomm_exact_r0.1": comparing}}
+    table = selection_table(summary).splitlines()
+    assert len(table) == 2 + len(VARIANTS)
+    assert all(f"| kvcomm_exact_r0.1 | {v} | 3 | 10.0 | 90.0 | 0.0100 | 50.0 |" in table for v in VARIANTS)
+    assert selection_table({"modes": {"dense": {"selection": None}}}) is None

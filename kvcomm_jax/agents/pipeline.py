@@ -32,7 +32,8 @@ from kvcomm_jax.kvcomm.records import (
     ttft_summary,
 )
 from kvcomm_jax.kvcomm.runner import ModelRunner
-from kvcomm_jax.kvcomm.strategies import STRATEGIES
+from kvcomm_jax.kvcomm.selection_probe import SelectionProbe, selection_summary
+from kvcomm_jax.kvcomm.strategies import STRATEGIES, KVComm
 from kvcomm_jax.kvcomm.templates import AgentPrompt, condition_placeholder
 from kvcomm_jax.model.registry import LoadedModel, with_dtype
 from kvcomm_jax.scale import sharding
@@ -106,6 +107,8 @@ def summarize(results: dict[str, list[QuestionResult]], agent_ids: Sequence[int]
             "correct": [row.correct for row in rows],
             # means over the calls compared with a dense reference by teacher forcing
             "fidelity": teacher_forced_summary(r.fidelity for r in records),
+            # selection rules on the same calls and budget, when compared (None otherwise)
+            "selection": selection_summary(r.fidelity for r in records),
         }
     agreement = {}
     if "dense" in results:
@@ -124,11 +127,15 @@ def summarize(results: dict[str, list[QuestionResult]], agent_ids: Sequence[int]
     return {"modes": modes, "agreement": agreement}
 
 
-def _engine(mode: str, model: LoadedModel, prompts, config: EngineConfig, mesh, fidelity_tokens: int | None) -> KVCommEngine:
+def mode_engine(
+    mode: str, model: LoadedModel, prompts, config: EngineConfig, mesh, fidelity_tokens: int | None,
+    compare_selection: bool = False,
+) -> KVCommEngine:
     """The engine of one pipeline mode; ``fidelity_tokens`` None: no fidelity probe.
 
     ``dense_bf16`` is the dense strategy over ``model`` cast to bfloat16, every call probed
-    against a float32 runner of ``model``.
+    against a float32 runner of ``model``. ``compare_selection`` adds the
+    :class:`~kvcomm_jax.kvcomm.selection_probe.SelectionProbe` to the ``kvcomm`` mode.
     """
     if mode != "dense_bf16":
         strategy = STRATEGIES[mode]
@@ -139,6 +146,8 @@ def _engine(mode: str, model: LoadedModel, prompts, config: EngineConfig, mesh, 
             partial_reuse=config.partial_reuse or not strategy.uses_anchors,
         )
         probes = () if fidelity_tokens is None else (FidelityProbe(tokens=fidelity_tokens),)
+        if compare_selection and fidelity_tokens is not None and mode == KVComm.name and (config.recompute_ratio or 0) > 0:
+            probes += (SelectionProbe(tokens=fidelity_tokens),)
         return KVCommEngine(model, prompts, config, mesh=mesh, probes=probes)
     config = dataclasses.replace(config, mode="dense", recompute_ratio=None, partial_reuse=True)
     probes = ()
@@ -162,6 +171,7 @@ def run_pipeline(
     load_pool: str | None = None,
     save_pool: str | None = None,
     fidelity_tokens: int = 32,
+    compare_selection: bool = False,
 ) -> tuple[dict, dict[str, list[QuestionResult]]]:
     """Run ``examples`` through ``graph`` in each mode (of :data:`PIPELINE_MODES`). Returns ``(summary, results per mode)``.
 
@@ -173,10 +183,16 @@ def run_pipeline(
     ``load_pool`` / ``save_pool``: a folder holding one anchor-pool checkpoint per
     non-dense mode (``<folder>/<mode>``), restored before the first question and saved
     after the last, so a later job can warm-start from this one's anchors.
+    ``compare_selection``: with fidelity measured, in the ``kvcomm`` mode with a recompute ratio
+    above 0, also compare selection rules on every reuse call at that budget
+    (:class:`~kvcomm_jax.kvcomm.selection_probe.SelectionProbe`).
     """
     prompts = agent_prompts(task, graph)
     config = dataclasses.replace(config, lead_in=task.context_lead_in)
-    engines = {mode: _engine(mode, model, prompts, config, mesh, fidelity_tokens if measure_fidelity else None) for mode in modes}
+    engines = {
+        mode: mode_engine(mode, model, prompts, config, mesh, fidelity_tokens if measure_fidelity else None, compare_selection)
+        for mode in modes
+    }
     fingerprint = model_fingerprint(model.config)
     if load_pool:
         for mode, engine in engines.items():

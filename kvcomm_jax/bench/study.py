@@ -17,6 +17,7 @@ from kvcomm_jax.agents.pipeline import QuestionResult, run_pipeline, summarize
 from kvcomm_jax.agents.tasks import Example, Task
 from kvcomm_jax.bench.reporting import fmt, markdown_table
 from kvcomm_jax.kvcomm.config import EngineConfig
+from kvcomm_jax.kvcomm.selection_probe import VARIANTS
 from kvcomm_jax.model.registry import LoadedModel
 
 PLANS: dict[str, tuple[str, dict]] = {
@@ -56,11 +57,13 @@ def run_study(
     batch_size: int = 8,
     fidelity_tokens: int = 32,
     progress: bool = True,
+    compare_selection: bool = False,
     after_plan: Callable[[dict[str, list[QuestionResult]]], None] | None = None,
 ) -> tuple[dict, dict[str, list[QuestionResult]]]:
     """Run every plan on ``examples`` (dense first); ``(summary, results per plan)`` as :func:`summarize` gives them.
 
-    ``after_plan``, when given, is called with the results so far after each plan, so a long
+    ``compare_selection``: compare selection rules on the reuse calls of the ``kvcomm`` plans
+    (see :func:`selection_table`). ``after_plan``, when given, is called with the results so far after each plan, so a long
     study can save what it has measured before it ends.
     """
     check_plans(plans)
@@ -70,6 +73,7 @@ def run_study(
         _, rows = run_pipeline(
             model, task, graph, examples, (mode,), dataclasses.replace(config, **settings),
             progress=progress, batch_size=batch_size, fidelity_tokens=fidelity_tokens,
+            compare_selection=compare_selection,
         )
         results[name] = rows[mode]
         if after_plan is not None:
@@ -102,6 +106,26 @@ def study_table(summary: dict) -> str:
          "computed % (all calls)", "final answer = dense %", "same response %", "top-1 %", "KL", "accuracy %",
          "TTFT mean ms"],
         rows,
+    )
+
+
+def selection_table(summary: dict) -> str | None:
+    """Per plan that compared selection rules, one row per rule: teacher-forced top-1, KL, same response; None if none did."""
+    rows = []
+    for name, m in summary["modes"].items():
+        selection = m.get("selection")
+        if not selection:
+            continue
+        for variant in VARIANTS:
+            v = selection[variant]
+            rows.append([
+                name, variant, str(selection["calls"]), _percent(selection["budget_share"]),
+                _percent(v["top1_agreement"]), fmt(v["kl"], ".4f"), _percent(v["response_agreement"]),
+            ])
+    if not rows:
+        return None
+    return markdown_table(
+        ["plan", "selection", "calls", "budget % of approximated", "top-1 %", "KL", "same response %"], rows
     )
 
 

@@ -225,19 +225,24 @@ class KVCommEngine:
         """The cache of every token of ``call``'s prompt as ``strategy`` (default: the engine's) reuses it, before any recompute."""
         return (strategy or self.strategy).build_cache(self.context, [call], call.capacity).cache
 
-    def reuse_prefill(self, calls: Sequence[PreparedCall], plans: Sequence[Plan], capacity: int, key):
+    def reuse_prefill(
+        self, calls: Sequence[PreparedCall], plans: Sequence[Plan], capacity: int, key, strategy=None,
+        ratio: float | None = None,
+    ):
         """The reuse path for a batch of calls: the strategy's cache, then one forward over each plan's computed tokens.
 
         A strategy with a selection rule and a recompute ratio ``r > 0`` adds, per row, the
-        ``round(r * approximated tokens)`` approximated tokens it ranks highest. Returns
+        ``round(r * approximated tokens)`` approximated tokens it ranks highest. ``strategy``
+        and ``ratio`` (default: the engine's) let a probe rebuild the same calls another way. Returns
         ``(first_tokens [B], cache, breakdown_ms, compile_ms, computed [B])``: the breakdown
         holds warm times of "matching_offset", "assembly", "selection" (when one ran) and
         "forward"; ``computed`` counts each row's tokens computed in context.
         """
-        built = self.strategy.build_cache(self.context, calls, capacity)
+        strategy = strategy or self.strategy
+        built = strategy.build_cache(self.context, calls, capacity)
         breakdown, compile_ms = dict(built.timings_ms), built.compile_ms
         targets, counts = plan_targets(plans)
-        ratio = recompute_ratio(self.context, self.strategy)
+        ratio = recompute_ratio(self.context, strategy) if ratio is None else ratio
         if built.scores is not None and ratio > 0:
             candidates = selection_candidates(plans, [c.layout.prefix(0).length for c in calls], capacity)  # [B, S]
             picks = np.rint(ratio * candidates.sum(axis=1)).astype(np.int32)  # [B]
@@ -299,7 +304,7 @@ class KVCommEngine:
         if order != sorted(order):  # back to request order
             inverse = jnp.asarray(sorted(range(len(order)), key=order.__getitem__), jnp.int32)
             first, cache = first[inverse], take_rows(cache, inverse)
-        fidelity = self._run_probes(calls, [p.reuses for p in plans], cache, first, prefill_key)
+        fidelity = self._run_probes(calls, plans, cache, first, prefill_key)
         lengths = [len(c.ids) for c in calls]
         responses, cache = self.runner.decode(first, lengths, cache, decode_key)
         publish_ms = self._publish_responses(requests, agent_id, responses, lengths, cache)
@@ -338,15 +343,15 @@ class KVCommEngine:
             self.strategy.record(self.context, call, cache, row, mine)
         return (ready(self.pools) - start) * 1e3 / len(calls)
 
-    def _run_probes(self, calls, reused: Sequence[bool], cache: KVCache, first, key) -> list[dict | None]:
+    def _run_probes(self, calls, plans: Sequence[Plan], cache: KVCache, first, key) -> list[dict | None]:
         """Each probe on its rows (the reuse rows, or every row when it says ``all_calls``); merged per row."""
         fidelity: list[dict | None] = [None] * len(calls)
         for probe in self.probes:
-            rows = [r for r in range(len(calls)) if reused[r] or getattr(probe, "all_calls", False)]
+            rows = [r for r in range(len(calls)) if plans[r].reuses or getattr(probe, "all_calls", False)]
             if not rows:
                 continue
             picked = jnp.asarray(rows, jnp.int32)
-            found = probe(self, [calls[r] for r in rows], take_rows(cache, picked), first[picked], key)
+            found = probe(self, [calls[r] for r in rows], [plans[r] for r in rows], take_rows(cache, picked), first[picked], key)
             for r, measured in zip(rows, found):
                 fidelity[r] = {**(fidelity[r] or {}), **measured}
         return fidelity

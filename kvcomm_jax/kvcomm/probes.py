@@ -1,7 +1,8 @@
 """Engine probes: measurements run on an engine's calls, outside their TTFT.
 
-A probe is called once per batched step as ``probe(engine, calls, cache, first_tokens [B], key)``
-over the step's reuse rows (every row when it has ``all_calls = True``) and returns one dict
+A probe is called once per batched step as ``probe(engine, calls, plans, cache, first_tokens [B], key)``
+over the step's reuse rows (every row when it has ``all_calls = True``), with the plan each row
+ran (:class:`~kvcomm_jax.kvcomm.plans.Plan`), and returns one dict
 per call, merged into that call record's ``fidelity`` (see
 :class:`~kvcomm_jax.kvcomm.engine.KVCommEngine`). :func:`per_call` builds one from a
 function of a single call.
@@ -43,7 +44,7 @@ from kvcomm_jax.model.transformer import forward
 def per_call(measure):
     """A probe from ``measure(engine, call, cache_row, first_token [1], key) -> dict``, run row by row."""
 
-    def probe(engine, calls, cache: KVCache, first, key) -> list[dict]:
+    def probe(engine, calls, plans, cache: KVCache, first, key) -> list[dict]:
         return [
             measure(engine, call, take_rows(cache, jnp.asarray([row], jnp.int32)), first[row : row + 1], key)
             for row, call in enumerate(calls)
@@ -112,15 +113,16 @@ def teacher_forced_metrics(reference_logits, probed_logits, fed, stop_ids) -> di
 
 def teacher_forced(
     reference: LoadedModel, probed: LoadedModel, prompts: Sequence[Sequence[int]], reference_cache: KVCache,
-    probed_cache: KVCache, tokens: int, stop_ids, key,
-) -> dict:
-    """:func:`teacher_forced_metrics` of ``probed_cache`` (run with ``probed``) against ``reference``'s dense path.
+    probed_caches: Sequence[KVCache], tokens: int, stop_ids, key,
+) -> list[dict]:
+    """:func:`teacher_forced_metrics` of each of ``probed_caches`` (run with ``probed``) against ``reference``'s dense path.
 
     ``reference_cache`` is ``reference``'s dense prefill of ``prompts`` (it is donated);
-    ``probed_cache`` holds at least each prompt's first ``n - 1`` tokens. Both need room for
+    each probed cache holds at least each prompt's first ``n - 1`` tokens. All need room for
     ``n - 1 + tokens`` slots. ``reference``'s greedy decode from the prompt's last token
-    (stop tokens ignored) gives the fed tokens ``[B, N]``; then one forward of them on each
-    cache, rewound to ``n - 1``. Returns the metrics as numpy arrays ``[B]``.
+    (stop tokens ignored) gives the fed tokens ``[B, N]``, once; then one forward of them on
+    the reference cache and on each probed cache, rewound to ``n - 1``. Returns, per probed
+    cache, the metrics as numpy arrays ``[B]``.
     """
     kept = [len(ids) - 1 for ids in prompts]  # slots each cache is rewound to (a list: fresh arrays, safe to donate)
     start = jnp.asarray(kept, jnp.int32)  # [B]
@@ -132,11 +134,14 @@ def teacher_forced(
     )  # [B, N]: ids[-1], d_1 .. d_{N-1}
     positions = start[:, None] + jnp.arange(tokens, dtype=jnp.int32)[None, :]  # [B, N]
     reference_logits, _ = forward(reference.params, fed, positions, with_lengths(reference_cache, kept), reference.config)
-    probed_logits, _ = forward(probed.params, fed, positions, with_lengths(probed_cache, kept), probed.config)
-    return jax.device_get(teacher_forced_metrics(reference_logits, probed_logits, fed, stop_ids))  # [B] each
+    metrics = []
+    for cache in probed_caches:
+        probed_logits, _ = forward(probed.params, fed, positions, with_lengths(cache, kept), probed.config)
+        metrics.append(teacher_forced_metrics(reference_logits, probed_logits, fed, stop_ids))
+    return jax.device_get(metrics)  # [B] each
 
 
-def _per_row(columns: dict) -> list[dict]:
+def per_row(columns: dict) -> list[dict]:
     """``{name: numpy [B, ...]}`` -> one dict of plain Python values (floats, ints, bools, lists) per row."""
     B = len(next(iter(columns.values())))
     return [{name: np.asarray(values[row]).tolist() for name, values in columns.items()} for row in range(B)]
@@ -169,7 +174,7 @@ class FidelityProbe:
         if self.kv_errors and self.all_calls:
             raise ValueError("kv_errors rebuilds reuse caches, so it cannot probe all calls")
 
-    def __call__(self, engine, calls, cache: KVCache, first, key) -> list[dict]:
+    def __call__(self, engine, calls, plans, cache: KVCache, first, key) -> list[dict]:
         reference = self.reference or engine.runner
         prompts = [c.ids for c in calls]
         need = bucket_length(max(len(ids) for ids in prompts) + self.tokens, what="prompt + fidelity tokens")
@@ -183,11 +188,11 @@ class FidelityProbe:
         if self.kv_errors:
             out = [{**o, **e} for o, e in zip(out, _kv_errors(engine, calls, cache, dense))]
         if self.tokens:
-            metrics = teacher_forced(
-                reference.model, engine.model, prompts, dense, with_capacity(cache, capacity), self.tokens,
+            (metrics,) = teacher_forced(
+                reference.model, engine.model, prompts, dense, [with_capacity(cache, capacity)], self.tokens,
                 engine.runner.stop_ids, key,
             )
-            out = [{**o, **m} for o, m in zip(out, _per_row(metrics))]
+            out = [{**o, **m} for o, m in zip(out, per_row(metrics))]
         return out
 
 
@@ -199,7 +204,7 @@ def _kv_errors(engine, calls, cache: KVCache, dense: KVCache) -> list[dict]:
     (k_err, v_err), (k_rot, v_rot) = jax.device_get(
         (layer_relative_errors(cache, dense, n), layer_relative_errors(rotated, dense, n))
     )  # [B, L] each
-    return _per_row(
+    return per_row(
         {"key_error": k_err, "value_error": v_err, "rotate_only_key_error": k_rot, "rotate_only_value_error": v_rot}
     )
 
