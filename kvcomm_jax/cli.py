@@ -1,4 +1,4 @@
-"""The command line: ``python run.py [generate|perplexity|pipeline|bench-ttft|bench-throughput] ...``.
+"""The command line: ``python run.py [generate|perplexity|pipeline|bench-ttft|bench-throughput|models] ...``.
 
 With no arguments it runs the main job: a 4-agent GSM8K pipeline, dense and
 KVCOMM side by side, on the default model, writing ``results/``.
@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json")
     t.add_argument("--plot")
     _add_model(t)
+
+    m = sub.add_parser("models", help="the known model names: source, architecture, availability (no weights loaded)")
+    m.add_argument("--json")
     return parser
 
 
@@ -284,6 +287,27 @@ def _bench_throughput(args):
     _report(args, result, throughput_table, plot_throughput)
 
 
+def _models(args):
+    """A table of the known models (and their JSON with ``--json``); why each missing one is missing."""
+    import dataclasses
+
+    from kvcomm_jax.bench.reporting import markdown_table, write_json
+    from kvcomm_jax.model.catalog import describe_models
+
+    _check_outputs(args)
+    models = describe_models()
+    print(markdown_table(
+        ["model", "architecture", "available", "source", "path"],
+        [[m.name, m.architecture or "-", "yes" if m.available else "no", m.source, m.path or "-"] for m in models],
+    ))
+    for m in models:
+        if m.problem:
+            print(f"\n{m.name}: {m.problem}")
+    if args.json:
+        write_json(args.json, {"models": [dataclasses.asdict(m) for m in models]})
+        print(f"wrote {args.json}")
+
+
 def _check_plan_settings(args) -> None:
     """Refuse plan settings that none of the chosen modes would use."""
     strategies = [STRATEGIES[m] for m in MODE_CHOICES[args.mode] if m in STRATEGIES]
@@ -319,7 +343,7 @@ def _report(args, result: dict, table, plot) -> None:
 
 COMMANDS = {
     "generate": _generate, "perplexity": _perplexity, "pipeline": _pipeline, "bench-ttft": _bench_ttft,
-    "bench-throughput": _bench_throughput,
+    "bench-throughput": _bench_throughput, "models": _models,
 }
 
 

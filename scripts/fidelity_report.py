@@ -24,17 +24,19 @@ from kvcomm_jax.agents.tasks import TASKS, get_task  # noqa: E402
 from kvcomm_jax.bench.fidelity import (  # noqa: E402
     aggregate,
     fidelity_table,
+    layer_kind_table,
     plot_fidelity,
     teacher_forced_table,
 )
 from kvcomm_jax.bench.reporting import check_writable, write_json  # noqa: E402
 from kvcomm_jax.kvcomm.engine import EngineConfig  # noqa: E402
 from kvcomm_jax.kvcomm.probes import teacher_forced_summary  # noqa: E402
-from kvcomm_jax.model.registry import load_model  # noqa: E402
+from kvcomm_jax.model.registry import DEFAULT_MODEL, load_model  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="with --from-json: the model the JSON was run with")
     parser.add_argument("--task", default="gsm8k", choices=tuple(TASKS))
     parser.add_argument("--agents", type=int, default=4, help="agents including the decision agent")
     parser.add_argument("--limit", type=int, default=12)
@@ -48,6 +50,7 @@ def main() -> int:
     args = parser.parse_args()
     check_writable(args.json, "--json")
     check_writable(args.plot, "--plot")
+    model = load_model(args.model)
     if args.from_json:
         with open(args.from_json) as f:
             calls = json.load(f)["calls"]
@@ -59,7 +62,7 @@ def main() -> int:
         config = EngineConfig(gamma=args.gamma, max_new_tokens=args.max_new_tokens)
         modes = tuple(args.modes.split(","))
         _, results = run_pipeline(
-            load_model(), task, graph, task.load(limit=args.limit), modes, config, fidelity_tokens=args.fidelity_tokens
+            model, task, graph, task.load(limit=args.limit), modes, config, fidelity_tokens=args.fidelity_tokens
         )
         fidelities = {mode: [r.fidelity for row in rows for r in row.records] for mode, rows in results.items()}
         questions = len(results[modes[0]])
@@ -67,11 +70,13 @@ def main() -> int:
     per_mode = {mode: teacher_forced_summary(f) for mode, f in fidelities.items() if mode != "dense"}
     print(f"{summary['calls']} reuse calls over {questions} questions; "
           f"first-token agreement with dense {summary['first_token_agreement'] * 100:.1f}%")
-    print(fidelity_table(summary))
+    local_layers = model.config.local_layers
+    print(layer_kind_table(summary, local_layers) if any(local_layers) else fidelity_table(summary))
     print("\nteacher-forced agreement with dense, per mode:")
     print(teacher_forced_table(per_mode))
     if args.json:
-        write_json(args.json, {"questions": questions, **summary, "teacher_forced": per_mode})
+        write_json(args.json, {"model": model.source, "questions": questions, "local_layers": list(local_layers), **summary,
+                               "teacher_forced": per_mode})
     if args.plot:
         plot_fidelity(args.plot, summary, f"fidelity vs dense ({summary['calls']} reuse calls)", per_mode)
     return 0

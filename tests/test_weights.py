@@ -312,7 +312,7 @@ def test_missing_tensor(tmp_path):
 
 
 def test_unsupported_gguf_architecture(tmp_path):
-    with pytest.raises(ValueError, match=r"unsupported architecture 'gpt2' \(supported: llama, qwen2, qwen3\)"):
+    with pytest.raises(ValueError, match=r"unsupported architecture 'gpt2' \(supported: llama, qwen2, qwen3, gemma3\)"):
         load_gguf(write_gguf(tmp_path / "gpt2.gguf", "gpt2"))
 
 
@@ -338,3 +338,12 @@ def test_default_model_config_and_params():
         tuple, param_shapes(c), is_leaf=lambda x: isinstance(x, tuple))
     assert loaded.source.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
     assert model_registry.load_model() is loaded  # cached per process
+
+
+def test_a_checkpoint_whose_tokenizer_lacks_its_chat_format_tokens_is_refused(tmp_path):
+    config = tiny_config(vocab_size=VOCAB)
+    gemma_template = "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+    path = write_hf_dir(tmp_path / "mismatch", hf_config_json(config, "llama"),
+                        checkpoint_tensors(config, random_params(config, seed=5), hf=True), gemma_template)
+    with pytest.raises(ValueError, match="gemma chat format writes .*<start_of_turn>.*vocabulary lacks"):
+        load_hf_dir(path)

@@ -1,13 +1,14 @@
 """Fidelity of reused caches against dense: per-layer relative KV error, and teacher-forced agreement per mode.
 
 Summarizes what the :class:`~kvcomm_jax.kvcomm.probes.FidelityProbe` engine probe records:
-:func:`aggregate` (KV errors of reuse calls, KVCOMM vs rotation only) and
+:func:`aggregate` (KV errors of reuse calls, KVCOMM vs rotation only; per layer kind with
+:func:`layer_kind_table` for models with sliding-window layers) and
 :func:`~kvcomm_jax.kvcomm.probes.teacher_forced_summary` per mode, as tables and a plot.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -43,6 +44,28 @@ def fidelity_table(summary: dict, group: int = 3) -> str:
     deep = [np.mean(summary[name][1:]) for name in _SERIES]
     rows.append(["1-%d (mean)" % (layers - 1)] + [f"**{c:.4f}**" for c in deep])
     return markdown_table(["layers", "KVCOMM K", "rotate-only K", "KVCOMM V", "rotate-only V"], rows)
+
+
+def layer_kind_table(summary: dict, local_layers: Sequence[bool]) -> str:
+    """Markdown table, one row per layer with its kind (local: sliding window, or global), then the
+    means of each kind over layers 1+; ``below`` says whether KVCOMM's key and value errors are both
+    below rotation's on that layer."""
+    kinds = ["local" if local else "global" for local in local_layers]
+    if len(kinds) != len(summary["kvcomm_key"]):
+        raise ValueError(f"{len(kinds)} layer kinds for {len(summary['kvcomm_key'])} layers of errors")
+
+    def below(layers) -> str:
+        return "yes" if all(
+            summary[f"kvcomm_{kind}"][i] < summary[f"rotate_only_{kind}"][i] for i in layers for kind in ("key", "value")
+        ) else "no"
+
+    rows = [[str(i), kinds[i], *(f"{summary[name][i]:.4f}" for name in _SERIES), below([i])] for i in range(len(kinds))]
+    for kind in ("local", "global"):
+        layers = [i for i in range(1, len(kinds)) if kinds[i] == kind]
+        if layers:
+            means = [np.mean([summary[name][i] for i in layers]) for name in _SERIES]
+            rows.append([f"{kind} 1+ (mean)", kind, *(f"**{m:.4f}**" for m in means), below(layers)])
+    return markdown_table(["layer", "kind", "KVCOMM K", "rotate-only K", "KVCOMM V", "rotate-only V", "KVCOMM below"], rows)
 
 
 def teacher_forced_table(per_mode: dict[str, dict]) -> str:

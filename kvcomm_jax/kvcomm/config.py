@@ -30,6 +30,11 @@ class EngineConfig:
       anchor at least as long as the content)
     recompute_ratio: the fraction of approximated tokens a reuse call also recomputes, chosen
       by the strategy's selection rule; None is the strategy's default (0, or CacheBlend's 0.15)
+    strict_segments: a question or condition whose text merges with the template text around
+      its placeholder into a token (so the prompt's segment-wise ids are not its own
+      tokenization) raises :class:`~kvcomm_jax.kvcomm.templates.SegmentBoundaryError`; False:
+      a warning per placeholder and a count in ``KVCommEngine.boundary_mismatches`` (dense
+      and reuse calls see the same segment-wise ids either way)
     """
 
     mode: str = "kvcomm"
@@ -45,6 +50,7 @@ class EngineConfig:
     exact_question: bool = False
     anchor_coverage: bool = False
     recompute_ratio: float | None = None
+    strict_segments: bool = False
 
     def __post_init__(self):
         if self.impl not in IMPLS:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from typing import Callable, Sequence
 
 import jax
@@ -53,8 +54,11 @@ from kvcomm_jax.kvcomm.template_store import TemplateStore
 from kvcomm_jax.kvcomm.templates import (
     QUESTION,
     AgentPrompt,
+    SegmentBoundaryError,
+    SegmentBoundaryWarning,
     condition_placeholder,
     content_header,
+    encode_content,
     is_condition,
     placeholder_producer,
     response_placeholder,
@@ -126,8 +130,9 @@ class KVCommEngine:
         )
         self.context = ReuseContext(self.anchors, self.templates, self.runner)
         tok = model.tokenizer
-        self._lead_ids = tuple(tok.encode(content_header(model.chat_format)) + tok.encode(config.lead_in))
+        self._lead_ids = tuple(tok.encode(content_header(model.chat_format)) + tok.encode_segment(config.lead_in))
         self._num_requests = 0
+        self.boundary_mismatches: dict[str, int] = {}  # contents whose text merged with the template, per placeholder
 
     @property
     def model(self) -> LoadedModel:
@@ -161,7 +166,17 @@ class KVCommEngine:
         request.contents[name] = Content(self._encode_content(name, text))
 
     def _encode_content(self, name: str, text: str) -> tuple[int, ...]:
-        ids = tuple(self.model.tokenizer.encode(text))
+        """A question's or condition's ids, checked at the template boundaries (see ``EngineConfig.strict_segments``)."""
+        try:
+            ids = encode_content(self.model.tokenizer, name, text, [self.templates[a] for a in self.consumers.get(name, [])])
+        except SegmentBoundaryError as error:
+            if self.config.strict_segments:
+                raise
+            self.boundary_mismatches[name] = self.boundary_mismatches.get(name, 0) + 1
+            if self.boundary_mismatches[name] == 1:
+                warnings.warn(f"{error} (first of this placeholder; dense and reuse calls both use the segment-wise ids)",
+                              SegmentBoundaryWarning, stacklevel=3)
+            ids = tuple(self.model.tokenizer.encode_segment(text))
         bucket_length(len(ids), what=f"placeholder {{{name}}} content")  # clear error when too long
         return ids
 

@@ -5,16 +5,25 @@ A template is a system text and a user text with placeholders
 round) and ``{condition_<id>_current}`` (a tool result derived from agent
 ``id``'s response). Rendered with the model's chat format and split at the
 placeholders, it becomes ``P + 1`` constant *prefix segments* around ``P``
-placeholder spans. Every piece is tokenized on its own, so a prompt's token ids
-are the concatenation of its segments' ids whatever the placeholders hold:
-dense and reuse paths see exactly the same tokens.
+placeholder spans. Each piece is tokenized apart, as it stands between the
+placeholders around it (the first as the start of a prompt, with the BOS the
+checkpoint adds; no other piece has one), so a prompt's token ids are the
+concatenation of its segments' ids whatever the placeholders hold: dense and reuse
+paths see exactly the same tokens.
+
+Those ids are also the prompt text's own tokenization as long as no token spans a
+boundary between a placeholder and the template text around it. Contents given as
+text are checked for that when they are tokenized (:func:`encode_content`), which
+raises :class:`SegmentBoundaryError` naming the placeholder (the engine warns instead
+unless ``EngineConfig.strict_segments``); agents' responses enter as the ids they were
+generated as.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from kvcomm_jax.kvcomm.layout import Layout
 from kvcomm_jax.model.chat_format import ChatFormat
@@ -75,6 +84,14 @@ class AgentPrompt:
         return tuple(names)
 
 
+class SegmentBoundaryError(ValueError):
+    """A placeholder's content and the template text next to it tokenize differently together than apart."""
+
+
+class SegmentBoundaryWarning(UserWarning):
+    """:class:`SegmentBoundaryError`'s finding, reported without stopping (``EngineConfig.strict_segments`` off)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SegmentedTemplate:
     """A rendered template cut at its placeholders.
@@ -83,12 +100,14 @@ class SegmentedTemplate:
       placeholder, ``prefixes[i]`` directly follows placeholder ``i`` (1-based).
     placeholders: the ``P`` placeholder names in order.
     dummies: token ids standing in for each placeholder in the template prefill.
+    texts: the ``P + 1`` pieces of rendered text the prefixes are the tokens of.
     """
 
     agent_id: int
     placeholders: tuple[str, ...]
     prefixes: tuple[tuple[int, ...], ...]
     dummies: tuple[tuple[int, ...], ...]
+    texts: tuple[str, ...]
 
     def ids(self, contents: Mapping[str, Sequence[int]] | None = None) -> list[int]:
         """Token ids of the prompt with ``contents[name]`` in each placeholder (dummies where absent)."""
@@ -111,6 +130,43 @@ class SegmentedTemplate:
             [lengths.get(name, len(dummy)) for name, dummy in zip(self.placeholders, self.dummies)],
         )
 
+    def check_content(self, tokenizer: Tokenizer, name: str, text: str) -> None:
+        """Raise SegmentBoundaryError unless, with ``text`` in placeholder ``name``, the prompt's own
+        tokenization there is this template's prefixes around the ids of ``text`` alone.
+
+        The template text on each side is tokenized with ``text`` as its neighbour, as it was
+        with the dummy when the template was built; a neighbouring placeholder (no template
+        text in between) is not checked.
+        """
+        index = self.placeholders.index(name)
+        neighbours = _neighbours(self.placeholders)
+        neighbours[index + 1] = text
+        before, after = self.texts[index], self.texts[index + 1]
+        content = tokenizer.encode_segment(text)
+        if tokenizer.encode_between(before, text, after) == content and all(
+            _piece_ids(tokenizer, neighbours[k], self.texts[k], neighbours[k + 1], first=k == 0) == self.prefixes[k]
+            for k in (index, index + 1)
+        ):
+            return
+        together = _piece_ids(tokenizer, neighbours[index], before + text + after, neighbours[index + 2], index == 0)
+        apart = [*self.prefixes[index], *content, *self.prefixes[index + 1]]
+        raise SegmentBoundaryError(
+            f"agent {self.agent_id}, placeholder {{{name}}}: its content and the template text around it tokenize "
+            f"differently together than apart ({_difference(tokenizer, together, apart)}): a token spans a boundary, "
+            "so the prompt's segment-wise ids would not be its own tokenization. Change the template text at the "
+            "placeholder (e.g. no space right before it) or the content so that no token spans the boundary"
+        )
+
+
+def _difference(tokenizer: Tokenizer, together: Sequence[int], apart: Sequence[int], context: int = 2) -> str:
+    """The tokens of both tokenizations around the first place they differ."""
+    first = next((t for t, (a, b) in enumerate(zip(together, apart)) if a != b), min(len(together), len(apart)))
+    window = slice(max(first - context, 0), first + context + 1)
+
+    def shown(ids: Sequence[int]) -> str:
+        return " ".join(repr(tokenizer.decode([i])) for i in ids[window])
+
+    return f"together: {shown(together)}; apart: {shown(apart)}"
 
 
 def segment_template(prompt: AgentPrompt, tokenizer: Tokenizer, chat_format: ChatFormat) -> SegmentedTemplate:
@@ -120,12 +176,46 @@ def segment_template(prompt: AgentPrompt, tokenizer: Tokenizer, chat_format: Cha
     pieces = _PLACEHOLDER.split(rendered)[0::4]  # split() also returns the 3 groups of each match
     if not pieces[-1]:
         raise ValueError(f"agent {prompt.agent_id}: the rendered template must end with text after the last placeholder")
+    neighbours = _neighbours(names)
     return SegmentedTemplate(
         agent_id=prompt.agent_id,
         placeholders=names,
-        prefixes=tuple(tuple(tokenizer.encode(piece)) if piece else () for piece in pieces),
-        dummies=tuple(tuple(tokenizer.encode(name.replace("_", " "))) for name in names),
+        prefixes=tuple(
+            _piece_ids(tokenizer, neighbours[i], piece, neighbours[i + 1], first=i == 0) for i, piece in enumerate(pieces)
+        ),
+        dummies=tuple(tuple(tokenizer.encode_segment(_dummy_text(name))) for name in names),
+        texts=tuple(pieces),
     )
+
+
+def _dummy_text(name: str) -> str:
+    """The text standing in for placeholder ``name`` in the template prefill."""
+    return name.replace("_", " ")
+
+
+def _neighbours(names: Sequence[str]) -> list[str]:
+    """The text next to each template piece in the template prefill: nothing at the ends, dummies in between."""
+    return ["", *(_dummy_text(name) for name in names), ""]
+
+
+def _piece_ids(tokenizer: Tokenizer, before: str, piece: str, after: str, first: bool) -> tuple[int, ...]:
+    """Token ids of the template ``piece`` as it stands between ``before`` and ``after`` (alone where a token
+    spans one of its edges); the first piece of a prompt starts with the BOS the checkpoint adds."""
+    ids = tokenizer.encode_between(before, piece, after)
+    if ids is None:
+        ids = tokenizer.encode_segment(piece)
+    return tuple(tokenizer.with_bos(ids) if first else ids)
+
+
+def encode_content(tokenizer: Tokenizer, name: str, text: str, consumers: Iterable[SegmentedTemplate]) -> tuple[int, ...]:
+    """Token ids of ``text`` as the content of placeholder ``name``.
+
+    Raises SegmentBoundaryError if, in a ``consumers`` template, a token would span the
+    boundary between the content and the template text around the placeholder.
+    """
+    for template in consumers:
+        template.check_content(tokenizer, name, text)
+    return tuple(tokenizer.encode_segment(text))
 
 
 def content_header(chat_format: ChatFormat) -> str:

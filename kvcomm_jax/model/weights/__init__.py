@@ -56,7 +56,7 @@ def assemble_params(
         return w
 
     def leaf(param: Param) -> np.ndarray:
-        shape, name = param.shape(config), getattr(param, checkpoint)
+        shape, name = param.shape(config), param.checkpoint_name(checkpoint, config)
         if not param.layered:
             return np.array(fetch(param, name, shape), dtype=target)
         stacked = np.empty(shape, dtype=target)
@@ -68,7 +68,18 @@ def assemble_params(
 
 
 # The loaders import assemble_params from this package, so they come after it.
-from kvcomm_jax.model.weights.gguf_loader import SUPPORTED_GGUF_ARCHITECTURES, load_gguf  # noqa: E402
+from kvcomm_jax.model.weights.gguf_loader import (  # noqa: E402
+    SUPPORTED_GGUF_ARCHITECTURES,
+    load_gguf,
+    load_gguf_params,
+)
 from kvcomm_jax.model.weights.hf_loader import SUPPORTED_HF_MODEL_TYPES, load_hf_dir  # noqa: E402
 
-__all__ = ["SUPPORTED_GGUF_ARCHITECTURES", "SUPPORTED_HF_MODEL_TYPES", "assemble_params", "load_gguf", "load_hf_dir"]
+__all__ = [
+    "SUPPORTED_GGUF_ARCHITECTURES",
+    "SUPPORTED_HF_MODEL_TYPES",
+    "assemble_params",
+    "load_gguf",
+    "load_gguf_params",
+    "load_hf_dir",
+]
