@@ -18,7 +18,12 @@ import numpy as np
 import pytest
 from test_engine import PROMPTS, QUESTIONS
 from test_tokenizer import CHATML_TEMPLATE
-from test_weights import assert_same_params, write_hf_dir
+from test_weights import (
+    add_config_metadata,
+    assert_same_params,
+    write_hf_dir,
+    write_tensors_and_close,
+)
 
 from kvcomm_jax.kvcomm.engine import EngineConfig, KVCommEngine
 from kvcomm_jax.kvcomm.layout import Span
@@ -135,25 +140,12 @@ def _tiny_tensors(config, seed=0) -> dict[str, np.ndarray]:
 
 def _write_gguf(path, arch, config, tensors, window=WINDOW) -> str:
     writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(config.num_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_heads)
-    writer.add_head_count_kv(config.num_kv_heads)
-    writer.add_key_length(config.head_dim)
+    add_config_metadata(writer, config)
     writer.add_value_length(config.head_dim)
-    writer.add_rope_freq_base(config.rope_theta)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     if window is not None:
         writer.add_sliding_window(window)
     writer.add_token_list([f"t{i}" for i in range(config.vocab_size)])
-    for name, array in tensors.items():
-        writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_tensors_and_close(writer, tensors)
     return str(path)
 
 

@@ -97,19 +97,34 @@ def checkpoint_tensors(config, params, hf: bool, permute: bool = False) -> dict:
     return out
 
 
+def add_config_metadata(writer: gguf.GGUFWriter, config) -> None:
+    """The hyper-parameter keys of ``config`` a GGUF file carries."""
+    writer.add_block_count(config.num_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_heads)
+    writer.add_head_count_kv(config.num_kv_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+
+
+def write_tensors_and_close(writer: gguf.GGUFWriter, tensors: dict) -> None:
+    """Add ``tensors`` and write the file."""
+    for name, array in tensors.items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def write_gguf(path, arch, config=None, tensors=None, tokenizer_meta=None, extra=()):
     """A GGUF file of ``arch`` with config metadata, tokenizer metadata and F32 tensors."""
     writer = gguf.GGUFWriter(str(path), arch)
     if config is not None:
-        writer.add_block_count(config.num_layers)
-        writer.add_context_length(config.max_position_embeddings)
-        writer.add_embedding_length(config.hidden_size)
-        writer.add_feed_forward_length(config.intermediate_size)
-        writer.add_head_count(config.num_heads)
-        writer.add_head_count_kv(config.num_kv_heads)
-        writer.add_key_length(config.head_dim)
-        writer.add_rope_freq_base(config.rope_theta)
-        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+        add_config_metadata(writer, config)
     meta = byte_level_metadata() if tokenizer_meta is None else tokenizer_meta
     writer.add_tokenizer_model(meta["tokenizer.ggml.model"])
     writer.add_tokenizer_pre(meta["tokenizer.ggml.pre"])
@@ -118,14 +133,9 @@ def write_gguf(path, arch, config=None, tensors=None, tokenizer_meta=None, extra
     writer.add_token_types(meta["tokenizer.ggml.token_type"])
     writer.add_eos_token_id(meta["tokenizer.ggml.eos_token_id"])
     writer.add_chat_template(meta["tokenizer.chat_template"])
-    for name, array in (tensors or {"token_embd.weight": np.zeros((4, 4), np.float32)}).items():
-        writer.add_tensor(name, array)
     for key, value in extra:
         writer.add_uint32(key, value)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_tensors_and_close(writer, tensors or {"token_embd.weight": np.zeros((4, 4), np.float32)})
     return str(path)
 
 
