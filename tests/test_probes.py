@@ -161,5 +161,5 @@ def test_real_reuse_call_against_dense():
 
     call = engine.prepare_call(request, 0)
     first, dense, _, _ = engine.runner.prefill([call.ids], call.capacity, jax.random.PRNGKey(0))
-    (same,) = FidelityProbe(tokens=8, kv_errors=False)(engine, [call], dense, first, jax.random.PRNGKey(0))
+    (same,) = FidelityProbe(tokens=8, kv_errors=False)(engine, [call], DENSE, dense, first, jax.random.PRNGKey(0))
     assert same["kl"] == 0.0 and same["top1_agreement"] == 1.0 and same["response_agreement"] is True
