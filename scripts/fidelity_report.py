@@ -78,7 +78,8 @@ def main() -> int:
         write_json(args.json, {"model": model.source, "questions": questions, "local_layers": list(local_layers), **summary,
                                "teacher_forced": per_mode})
     if args.plot:
-        plot_fidelity(args.plot, summary, f"fidelity vs dense ({summary['calls']} reuse calls)", per_mode)
+        plot_fidelity(args.plot, summary, f"{args.model}: fidelity vs dense ({summary['calls']} reuse calls)", per_mode,
+                      local_layers)
     return 0
 
 

@@ -78,10 +78,15 @@ def teacher_forced_table(per_mode: dict[str, dict]) -> str:
     return markdown_table(["mode", "calls", "top-1 agreement %", "mean KL (nats)", "same response %"], rows)
 
 
-def plot_fidelity(path: str, summary: dict, title: str, per_mode: dict[str, dict] | None = None) -> None:
+def plot_fidelity(
+    path: str, summary: dict, title: str, per_mode: dict[str, dict] | None = None,
+    local_layers: Sequence[bool] | None = None,
+) -> None:
     """Per-layer relative error curves, KVCOMM vs rotation only, keys and values.
 
     ``per_mode``: teacher-forced summaries per mode, drawn as a third panel of bars.
+    ``local_layers``: per layer, whether it is a sliding-window layer; the global layers of
+    such a model are marked with vertical lines.
     """
     import matplotlib
 
@@ -96,6 +101,9 @@ def plot_fidelity(path: str, summary: dict, title: str, per_mode: dict[str, dict
         for method, style in (("kvcomm", "-o"), ("rotate_only", "--s")):
             values = summary[f"{method}_{kind}"]
             ax.plot(range(len(values)), values, style, markersize=3, label=method.replace("_", " "))
+        if local_layers is not None and any(local_layers):
+            for i, layer in enumerate(i for i, local in enumerate(local_layers) if not local):
+                ax.axvline(layer, color="gray", linestyle=":", label="global layer" if i == 0 else None)
         ax.set_title(f"{kind}s")
         ax.set_xlabel("layer")
         ax.grid(alpha=0.3)
