@@ -102,7 +102,7 @@ class AnchorStore:
             for c in contents
         ])
         book = self.books[name]
-        held, lengths = book.valid.copy(), book.lengths.copy()  # [V] as the predictions saw them
+        held, lengths = book.valid, book.lengths  # [V]; activations below change neither
         for content, (becomes_anchor, increments) in zip(contents, predictions):
             content.becomes_anchor = bool(becomes_anchor)
             length = 1 if self.coverage else len(content.ids)
