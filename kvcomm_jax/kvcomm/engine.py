@@ -28,7 +28,6 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kvcomm_jax.kvcomm.anchor_pool import AnchorPool
 from kvcomm_jax.kvcomm.anchor_store import AnchorStore
@@ -39,6 +38,7 @@ from kvcomm_jax.kvcomm.plans import (
     Plan,
     add_selected,
     plan_targets,
+    selection_budget,
     selection_candidates,
 )
 from kvcomm_jax.kvcomm.records import CallRecord
@@ -260,7 +260,7 @@ class KVCommEngine:
         ratio = recompute_ratio(self.context, strategy) if ratio is None else ratio
         if built.scores is not None and ratio > 0:
             candidates = selection_candidates(plans, [c.layout.prefix(0).length for c in calls], capacity)  # [B, S]
-            picks = np.rint(ratio * candidates.sum(axis=1)).astype(np.int32)  # [B]
+            picks = selection_budget(ratio, candidates)  # [B]
             if picks.max() > 0:
                 extra = bucket_length(int(picks.max()), what="selected tokens")
                 (targets, _), ms, compile_select = timed(

@@ -137,6 +137,11 @@ def selection_candidates(plans: Sequence[Plan], prefix0_lengths: Sequence[int], 
     return out
 
 
+def selection_budget(ratio: float, candidates: np.ndarray) -> np.ndarray:
+    """Tokens each row's selection rule adds: ``round(ratio * approximated tokens)``, ``[B]`` int32 (``candidates [B, S]``)."""
+    return np.rint(ratio * candidates.sum(axis=1)).astype(np.int32)
+
+
 @functools.partial(jax.jit, static_argnames=("extra",))
 def add_selected(targets, counts, scores, candidates, picks, *, extra: int):
     """Add each row's ``picks[b]`` highest-``scores`` candidate slots to its targets.

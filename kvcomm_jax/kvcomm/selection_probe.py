@@ -26,9 +26,7 @@ import dataclasses
 import statistics
 from typing import Iterable
 
-import numpy as np
-
-from kvcomm_jax.kvcomm.plans import selection_candidates
+from kvcomm_jax.kvcomm.plans import selection_budget, selection_candidates
 from kvcomm_jax.kvcomm.probes import per_row, teacher_forced, with_capacity
 from kvcomm_jax.kvcomm.strategies import CacheBlend, KVComm, recompute_ratio
 from kvcomm_jax.model.buckets import bucket_length
@@ -73,8 +71,8 @@ class SelectionProbe:
         built_capacity = max(c.capacity for c in calls)
         need = bucket_length(max(len(ids) for ids in prompts) + self.tokens, what="prompt + fidelity tokens")
         capacity = max(cache.capacity, need)
-        approximated = selection_candidates(plans, [c.layout.prefix(0).length for c in calls], built_capacity).sum(axis=1)  # [B]
-        budget = np.rint(ratio * approximated).astype(int)  # [B], as the engine's reuse path rounds it
+        candidates = selection_candidates(plans, [c.layout.prefix(0).length for c in calls], built_capacity)  # [B, S]
+        approximated, budget = candidates.sum(axis=1), selection_budget(ratio, candidates)  # [B] each
         caches = []
         for variant in VARIANTS:
             strategy = self.strategies["kvcomm" if variant == "kvcomm_no_selection" else variant]
