@@ -17,6 +17,7 @@ from kvcomm_jax.configs import main_job, paper_ttft
 from kvcomm_jax.kvcomm.config import DEFAULT_ANCHOR_CAPACITY, DEFAULT_EVICTION_WINDOW
 from kvcomm_jax.kvcomm.strategies import MODES, STRATEGIES
 from kvcomm_jax.model.registry import DEFAULT_MODEL
+from kvcomm_jax.scale.distributed import failing_together
 from pallas_kernels import IMPLS
 
 
@@ -189,6 +190,8 @@ def _perplexity(args):
 
 
 def _pipeline(args):
+    import jax
+
     from kvcomm_jax.agents.graphs import make_graph
     from kvcomm_jax.agents.pipeline import run_pipeline
     from kvcomm_jax.agents.tasks import get_task
@@ -199,7 +202,7 @@ def _pipeline(args):
     )
     from kvcomm_jax.kvcomm.engine import EngineConfig
     from kvcomm_jax.model.registry import load_model
-    from kvcomm_jax.scale.distributed import maybe_initialize_distributed
+    from kvcomm_jax.scale.distributed import is_primary, maybe_initialize_distributed
     from kvcomm_jax.scale.sharding import make_mesh
 
     _check_outputs(args)
@@ -220,12 +223,15 @@ def _pipeline(args):
     summary, results = run_pipeline(
         model, task, graph, examples, MODE_CHOICES[args.mode], config,
         measure_fidelity=not args.no_fidelity, batch_size=args.batch_size, mesh=mesh, load_pool=args.load_pool, save_pool=args.save_pool,
-        fidelity_tokens=args.fidelity_tokens,
+        fidelity_tokens=args.fidelity_tokens, progress=is_primary(),
     )
+    if not is_primary():  # every process holds the same results; process 0 reports them
+        return
     payload = {
         "task": args.task, "model": model.source, "agents": args.agents, "graph": args.graph, "rounds": args.rounds,
         "questions": len(examples), "offset": args.offset, "gamma": args.gamma, "anchors": args.anchors,
         "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "mesh": args.mesh,
+        "processes": jax.process_count(), "devices": jax.device_count(),
         "partial_reuse": not args.no_partial_reuse, "exact_question": args.exact_question,
         "recompute_ratio": args.recompute_ratio, "anchor_coverage": args.anchor_coverage, **summary,
         "calls": {
@@ -354,7 +360,8 @@ def main(argv=None) -> int:
         argv = main_job.config().argv()
     args = parser.parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        with failing_together():
+            COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

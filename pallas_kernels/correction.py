@@ -15,8 +15,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.sharding import Mesh
 
-from pallas_kernels import dispatch
+from pallas_kernels import dispatch, partitioned
 
 # ----------------------------------------------------------------------------------------
 # Reference (the spec)
@@ -29,6 +30,11 @@ def apply_correction_reference(base, deltas, weights, anchor_valid) -> jax.Array
     keep = anchor_valid[:, None, None, None, None]  # [A, 1, 1, 1, 1]
     correction = jnp.sum(jnp.where(keep, weights * d, 0.0), axis=0)  # [L, H, T, D]
     out = (base.astype(jnp.float32) + correction).astype(base.dtype)  # [L, H, T, D]
+    return keep_layer0(out, base)
+
+
+def keep_layer0(out: jax.Array, base: jax.Array) -> jax.Array:
+    """``out [L, H, T, D]`` with layer 0 taken from ``base``."""
     return out.at[0].set(base[0])
 
 
@@ -117,8 +123,17 @@ def _apply_correction_pallas(base, deltas, weights, anchor_valid, *, target, blo
 # ----------------------------------------------------------------------------------------
 # Public entry point
 
+# (base, deltas, weights, anchor_valid) on a mesh: heads over model, anchors over data.
+CORRECTION_LAYOUT = partitioned.Layout(
+    axes=(
+        partitioned.SEGMENT, partitioned.ANCHOR_STACK, partitioned.ANCHOR_STACK,
+        partitioned.ANCHORS,
+    ),
+    keep=lambda out, base, *_: keep_layer0(out, base),
+)
 
-@functools.partial(jax.jit, static_argnames=("impl", "block_tokens"))
+
+@functools.partial(jax.jit, static_argnames=("impl", "block_tokens", "mesh"))
 def apply_correction(
     base: jax.Array,
     deltas: jax.Array,
@@ -127,15 +142,17 @@ def apply_correction(
     *,
     impl: str = "auto",
     block_tokens: int = dispatch.DEFAULT_BLOCK_TOKENS,
+    mesh: Mesh | None = None,
 ) -> jax.Array:
     """``base [L, H, T, D] + sum_a w[a] * deltas[a, :, :, :T]`` with layer 0 kept.
 
     ``deltas``: ``[A, L, H, Td, D]``, Td >= T (only the first T tokens are read);
     ``weights``: float32 ``[A, 1, 1, T, 1]`` or ``[A, L, H, 1, D]``; ``anchor_valid``:
-    bool ``[A]``. Returns ``[L, H, T, D]`` in ``base.dtype``.
+    bool ``[A]``. ``mesh``: the kernel runs per device of it, heads over ``model`` and
+    anchors over ``data`` (``None``: one device). Returns ``[L, H, T, D]`` in ``base.dtype``.
     """
     dispatch.check_correction(base, deltas, weights, anchor_valid)
     return dispatch.run(
         apply_correction_reference, _apply_correction_pallas, (base, deltas, weights, anchor_valid),
-        impl=impl, block_tokens=block_tokens,
+        impl=impl, block_tokens=block_tokens, mesh=mesh, layout=CORRECTION_LAYOUT,
     )

@@ -9,15 +9,18 @@ Every public kernel takes a static ``impl``:
 * ``"reference"``: the pure-jnp reference.
 
 ``resolve_impl`` turns that into a *target*: ``"tpu"``, ``"gpu"``, ``"interpret"`` or
-``"reference"``. The ``check_*`` functions raise ``TypeError``/``ValueError`` at trace
-time, before anything runs. The rest is the Pallas plumbing the three kernels share:
-a grid of ``(token blocks, L, H)``, token blocks that need not divide T, and the row
-masking that the Triton lowering needs for the last, partial block.
+``"reference"``. A static ``mesh`` of more than one device runs the kernel per device
+(``partitioned.py``); ``None`` or one device runs it as is. The ``check_*`` functions
+raise ``TypeError``/``ValueError`` at trace time, before anything runs. The rest is the
+Pallas plumbing the three kernels share: a grid of ``(token blocks, L, H)``, token blocks
+that need not divide T, and the row masking that the Triton lowering needs for the last,
+partial block.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -25,6 +28,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
+from jax.sharding import Mesh
+
+from pallas_kernels import partitioned
 
 IMPLS = ("auto", "pallas", "interpret", "reference")
 DEFAULT_BLOCK_TOKENS = 128
@@ -53,16 +59,31 @@ def resolve_impl(impl: str) -> str:
     return "reference"
 
 
-def run(reference, kernel, args, *, impl: str, block_tokens: int):
+def run(
+    reference,
+    kernel,
+    args,
+    *,
+    impl: str,
+    block_tokens: int,
+    mesh: Mesh | None,
+    layout: partitioned.Layout,
+):
     """Call ``reference(*args)`` or ``kernel(*args, target=..., block_tokens=...)`` as ``impl`` asks.
 
-    The one dispatch of every public kernel function (after its input checks).
+    The one dispatch of every public kernel function (after its input checks). On a
+    ``mesh`` of more than one device the kernel runs per device under
+    :func:`pallas_kernels.partitioned.shard` as ``layout`` lays ``args`` out; the
+    reference ignores the mesh (XLA partitions it).
     """
     check_block_tokens(block_tokens)
     target = resolve_impl(impl)
     if target == "reference":
         return reference(*args)
-    return kernel(*args, target=target, block_tokens=block_tokens)
+    kernel = functools.partial(kernel, target=target, block_tokens=block_tokens)
+    if mesh is None or mesh.size == 1:
+        return kernel(*args)
+    return partitioned.shard(kernel, args, layout, mesh)
 
 
 def check_block_tokens(block_tokens: int) -> None:

@@ -15,8 +15,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
-from pallas_kernels import correction, dispatch, rotation
+from pallas_kernels import correction, dispatch, partitioned, rotation
 
 
 def correct_and_rotate_keys_reference(
@@ -78,7 +79,14 @@ def _correct_and_rotate_keys_pallas(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "block_tokens"))
+# The arguments on a mesh: heads over model, anchors over data, the rest replicated.
+FUSED_LAYOUT = partitioned.Layout(
+    axes=(*correction.CORRECTION_LAYOUT.axes, *rotation.ROTATION_LAYOUT.axes[1:]),
+    keep=lambda out, base0, *args: rotation.keep_padding(out, base0, args[-1]),  # num_valid
+)
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "block_tokens", "mesh"))
 def correct_and_rotate_keys(
     base0: jax.Array,
     deltas: jax.Array,
@@ -90,18 +98,19 @@ def correct_and_rotate_keys(
     *,
     impl: str = "auto",
     block_tokens: int = dispatch.DEFAULT_BLOCK_TOKENS,
+    mesh: Mesh | None = None,
 ) -> jax.Array:
     """``rope(base0 + sum_a w[a] * deltas[a, :, :, :T], positions)`` in one pass.
 
-    ``base0``: frame-0 keys ``[L, H, T, D]``; ``deltas``, ``weights``, ``anchor_valid`` as
-    in ``apply_correction``; ``positions``: int ``[T]`` target positions; ``inv_freq``:
-    float32 ``[L, D/2]``, row l the frequencies of layer l; ``num_valid``: int scalar.
-    Returns ``[L, H, T, D]`` in ``base0.dtype``.
+    ``base0``: frame-0 keys ``[L, H, T, D]``; ``deltas``, ``weights``, ``anchor_valid``,
+    ``mesh`` as in ``apply_correction``; ``positions``: int ``[T]`` target positions;
+    ``inv_freq``: float32 ``[L, D/2]``, row l the frequencies of layer l; ``num_valid``:
+    int scalar. Returns ``[L, H, T, D]`` in ``base0.dtype``.
     """
     dispatch.check_correction(base0, deltas, weights, anchor_valid)
     dispatch.check_rotation(base0, positions, inv_freq, num_valid, amounts_name="positions")
     return dispatch.run(
         correct_and_rotate_keys_reference, _correct_and_rotate_keys_pallas,
         (base0, deltas, weights, anchor_valid, positions, inv_freq, num_valid),
-        impl=impl, block_tokens=block_tokens,
+        impl=impl, block_tokens=block_tokens, mesh=mesh, layout=FUSED_LAYOUT,
     )

@@ -19,9 +19,10 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.sharding import Mesh
 
 from kvcomm_jax.model.rope import apply_rope, cos_sin, rotate_halves
-from pallas_kernels import dispatch
+from pallas_kernels import dispatch, partitioned
 
 # ----------------------------------------------------------------------------------------
 # Reference (the spec)
@@ -124,8 +125,13 @@ def _rotate_keys_pallas(keys, amounts, inv_freq, num_valid, *, target, block_tok
 # ----------------------------------------------------------------------------------------
 # Public entry point
 
+# (keys, amounts, inv_freq, num_valid) on a mesh: heads over model, the rest replicated.
+ROTATION_LAYOUT = partitioned.Layout(
+    axes=(partitioned.SEGMENT, partitioned.TOKENS, partitioned.FREQUENCIES, partitioned.SCALAR)
+)
 
-@functools.partial(jax.jit, static_argnames=("impl", "block_tokens"))
+
+@functools.partial(jax.jit, static_argnames=("impl", "block_tokens", "mesh"))
 def rotate_keys(
     keys: jax.Array,
     amounts: jax.Array,
@@ -134,15 +140,17 @@ def rotate_keys(
     *,
     impl: str = "auto",
     block_tokens: int = dispatch.DEFAULT_BLOCK_TOKENS,
+    mesh: Mesh | None = None,
 ) -> jax.Array:
     """Rotates each token t of ``keys [L, H, T, D]`` by ``amounts[t]`` (int ``[T]``).
 
     ``inv_freq``: float32 ``[L, D/2]``, row l the frequencies of layer l; ``num_valid``:
-    int scalar, tokens ``t >= num_valid`` come back bit-identical. Returns
+    int scalar, tokens ``t >= num_valid`` come back bit-identical. ``mesh``: the kernel
+    runs per device of it, heads over ``model`` (``None``: one device). Returns
     ``[L, H, T, D]`` in ``keys.dtype``.
     """
     dispatch.check_rotation(keys, amounts, inv_freq, num_valid)
     return dispatch.run(
         rotate_keys_reference, _rotate_keys_pallas, (keys, amounts, inv_freq, num_valid),
-        impl=impl, block_tokens=block_tokens,
+        impl=impl, block_tokens=block_tokens, mesh=mesh, layout=ROTATION_LAYOUT,
     )

@@ -1,40 +1,14 @@
 """Two CPU processes x 4 devices join one 8-device mesh; sharded prefill + KVCOMM offset match one process."""
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-
+import jax
 import numpy as np
 import pytest
 from multiprocess_worker import make_case, run_reference
+from processes import python, run_job
 
 from kvcomm_jax.scale.distributed import maybe_initialize_distributed
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(ROOT, "tests", "multiprocess_worker.py")
 NUM_PROCESSES, LOCAL_DEVICES, TIMEOUT_S = 2, 4, 120
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(port: int, process_id: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVCOMM_")}
-    env.update(
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")])),
-        KVCOMM_COORDINATOR=f"127.0.0.1:{port}",
-        KVCOMM_NUM_PROCESSES=str(NUM_PROCESSES),
-        KVCOMM_PROCESS_ID=str(process_id),
-    )
-    return env
 
 
 @pytest.mark.parametrize("env, message", [
@@ -43,9 +17,11 @@ def _env(port: int, process_id: int) -> dict:
     ({"KVCOMM_COORDINATOR": "127.0.0.1:1", "KVCOMM_NUM_PROCESSES": "2"}, "also set the process count and id"),
     ({"KVCOMM_COORDINATOR": "127.0.0.1:1", "KVCOMM_NUM_PROCESSES": "2", "KVCOMM_PROCESS_ID": "2"}, "outside"),
     ({"KVCOMM_COORDINATOR": "127.0.0.1:1", "KVCOMM_NUM_PROCESSES": "two", "KVCOMM_PROCESS_ID": "0"}, "not a valid int"),
+    ({"KVCOMM_COORDINATOR": "127.0.0.1:1", "KVCOMM_NUM_PROCESSES": "2", "KVCOMM_PROCESS_ID": "0",
+      "KVCOMM_HEARTBEAT_TIMEOUT_S": "-5"}, "at least 1 s"),
 ])
 def test_distributed_settings(monkeypatch, env, message):
-    for name in ("KVCOMM_COORDINATOR", "KVCOMM_NUM_PROCESSES", "KVCOMM_PROCESS_ID"):
+    for name in ("KVCOMM_COORDINATOR", "KVCOMM_NUM_PROCESSES", "KVCOMM_PROCESS_ID", "KVCOMM_HEARTBEAT_TIMEOUT_S"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -56,29 +32,22 @@ def test_distributed_settings(monkeypatch, env, message):
             maybe_initialize_distributed()
 
 
+def test_auto_coordinator_leaves_discovery_to_jax(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(jax.config, "update", lambda *args: None)
+    for name in ("KVCOMM_NUM_PROCESSES", "KVCOMM_PROCESS_ID", "KVCOMM_HEARTBEAT_TIMEOUT_S"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KVCOMM_COORDINATOR", "auto")
+    assert maybe_initialize_distributed(heartbeat_timeout_s=15) is True
+    assert calls == [{"num_processes": None, "process_id": None, "heartbeat_timeout_seconds": 15}]
+
+
 def test_two_processes_match_single_process(tmp_path):
-    port = _free_port()
-    logs = [open(tmp_path / f"process_{i}.log", "w+") for i in range(NUM_PROCESSES)]
-    procs = []
-    try:
-        for i in range(NUM_PROCESSES):
-            procs.append(subprocess.Popen(
-                [sys.executable, WORKER, str(tmp_path)], env=_env(port, i), cwd=ROOT,
-                stdout=logs[i], stderr=subprocess.STDOUT, start_new_session=True,
-            ))
-        deadline = time.monotonic() + TIMEOUT_S
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-        for i, (p, log) in enumerate(zip(procs, logs)):
-            log.seek(0)
-            assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{log.read()[-4000:]}"
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-        for log in logs:
-            log.close()
+    job = run_job(python("multiprocess_worker.py", tmp_path), tmp_path, num_processes=NUM_PROCESSES, local_devices=LOCAL_DEVICES,
+                  timeout_s=TIMEOUT_S)
+    job.check()
 
     expected = run_reference(make_case())
     for i in range(NUM_PROCESSES):

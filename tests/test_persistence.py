@@ -33,7 +33,7 @@ FINGERPRINT = model_fingerprint(CONFIG)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _pool(seed: int, dtype=jnp.float32, anchors: int = 3, capacity: int = 4, tokens: int = 16):
+def sample_pool(seed: int, dtype=jnp.float32, anchors: int = 3, capacity: int = 4, tokens: int = 16):
     """A pool with ``anchors`` anchors; consumers 1 (all anchors) and 2 (the first), different prefix lengths."""
     rng = np.random.RandomState(seed)
     L, H, D = CONFIG.num_layers, CONFIG.num_kv_heads, CONFIG.head_dim
@@ -50,7 +50,7 @@ def _pool(seed: int, dtype=jnp.float32, anchors: int = 3, capacity: int = 4, tok
     return pool
 
 
-def _assert_identical(a, b):
+def assert_identical(a, b):
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
         x, y = np.asarray(x), np.asarray(y)
@@ -60,7 +60,7 @@ def _assert_identical(a, b):
 
 @pytest.fixture(scope="module")
 def pools():
-    return {"user_question": _pool(0), "agent_0_current": _pool(1, jnp.bfloat16, anchors=2, tokens=32)}
+    return {"user_question": sample_pool(0), "agent_0_current": sample_pool(1, jnp.bfloat16, anchors=2, tokens=32)}
 
 
 # ------------------------------------------------------------------------------ round trips
@@ -72,13 +72,13 @@ def test_pools_round_trip_bit_exact(tmp_path, pools):
     bf16 = model_fingerprint(CONFIG.replace(dtype="bfloat16"))
     save_pools(tmp_path / "f32", {"user_question": pools["user_question"]}, FINGERPRINT)
     save_pools(tmp_path / "bf16", {"agent_0_current": pools["agent_0_current"]}, bf16)
-    _assert_identical(load_pools(tmp_path / "f32", FINGERPRINT), {"user_question": pools["user_question"]})
+    assert_identical(load_pools(tmp_path / "f32", FINGERPRINT), {"user_question": pools["user_question"]})
     restored = load_pools(tmp_path / "bf16", bf16)
-    _assert_identical(restored, {"agent_0_current": pools["agent_0_current"]})
+    assert_identical(restored, {"agent_0_current": pools["agent_0_current"]})
     assert sorted(restored["agent_0_current"].consumers) == ["1", "2"]
 
 
-def _prediction(pool, values, length):
+def prediction(pool, values, length):
     """``predict`` against ``pool`` as plain values: (becomes_anchor, activation increments, entropy)."""
     becomes_anchor, increments, entropy = predict(values, length, pool.values, pool.lengths, pool.valid, 0.3)
     return bool(becomes_anchor), np.asarray(increments).tolist(), float(entropy)
@@ -97,8 +97,8 @@ def test_restored_pool_makes_the_same_predictions(tmp_path, pools):
     predicted = {}
     for length in (9, 14, 16):
         for name, values in contents.items():
-            predicted[name, length] = _prediction(pool, values, length)
-            assert _prediction(restored, values, length) == predicted[name, length], (name, length)
+            predicted[name, length] = prediction(pool, values, length)
+            assert prediction(restored, values, length) == predicted[name, length], (name, length)
     # every outcome occurs, so the equalities above are informative
     for length in (9, 14):
         assert predicted["near_anchor_0", length][:2] == (False, [1, 0, 0, 0])  # shared; anchor 0 activated
@@ -115,7 +115,7 @@ def test_pools_restore_into_mesh_shardings(tmp_path, pools):
     for x, s in zip(jax.tree.leaves(restored), jax.tree.leaves(want), strict=True):
         assert x.sharding == s
     assert restored.keys.addressable_shards[0].data.nbytes * 8 == restored.keys.nbytes
-    _assert_identical(restored, pools["user_question"])
+    assert_identical(restored, pools["user_question"])
     # explicit shardings must match the saved structure
     without_consumer = pools["user_question"].replace(consumers={})
     with pytest.raises(ValueError, match="do not match the checkpoint's structure"):
@@ -125,10 +125,10 @@ def test_pools_restore_into_mesh_shardings(tmp_path, pools):
 def test_params_round_trip_bit_exact_and_sharded(tmp_path):
     params = init_params(CONFIG, seed=3)
     save_params(tmp_path, params, CONFIG)
-    _assert_identical(load_params(tmp_path, CONFIG), params)
+    assert_identical(load_params(tmp_path, CONFIG), params)
     mesh = sharding.make_mesh("data=2,model=4")
     restored = load_params(tmp_path, CONFIG, shardings=mesh)
-    _assert_identical(restored, params)
+    assert_identical(restored, params)
     q = restored["layers"]["attn"]["q_proj"]["kernel"]
     assert q.sharding == sharding.params_shardings(CONFIG, mesh)["layers"]["attn"]["q_proj"]["kernel"]
     assert q.addressable_shards[0].data.nbytes * 4 == q.nbytes
@@ -216,7 +216,7 @@ def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path, pools):
             proc.wait()
     assert glob.glob(str(tmp_path / ".tmp-*")), "the save finished before the kill; nothing was interrupted"
     assert open(tmp_path / "CURRENT").read() == current
-    _assert_identical(load_pools(tmp_path, FINGERPRINT), previous)
+    assert_identical(load_pools(tmp_path, FINGERPRINT), previous)
     # the next save succeeds and clears the leftovers
     save_pools(tmp_path, {"q": pools["user_question"].replace(activations=pools["user_question"].activations + 1)}, FINGERPRINT)
     assert sorted(os.listdir(tmp_path)) == sorted(["CURRENT", open(tmp_path / "CURRENT").read()])

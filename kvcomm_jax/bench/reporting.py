@@ -15,7 +15,7 @@ def check_writable(path: str | None, what: str) -> None:
         return
     if os.path.isdir(path):
         raise ValueError(f"{what} {path!r} is a directory")
-    probe = f"{path}.tmp"
+    probe = f"{path}.{os.getpid()}.tmp"  # one per process: every process of a job checks
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(probe, "w"):
@@ -49,6 +49,27 @@ def write_json(path: str, payload: dict) -> None:
         json.dump(payload, f, indent=2)
         f.write("\n")
     os.replace(tmp, path)
+
+
+OUTCOME_FIELDS = ("path", "reason", "first_token", "text", "prompt_tokens", "reused_tokens", "recomputed_tokens")
+OUTCOME_RATES = ("reuse_rate", "partial_reuse_rate", "token_reuse_rate", "recomputed_token_rate", "accuracy")
+
+
+def run_outcome(payload: dict) -> dict:
+    """What a pipeline JSON says was computed, leaving out timings and where it ran.
+
+    Per call: :data:`OUTCOME_FIELDS`; per mode: :data:`OUTCOME_RATES`; and the agreement of
+    each mode with dense. Two runs of the same job (another mesh, another process count)
+    must have equal outcomes.
+    """
+    return {
+        "calls": {
+            mode: [[{k: r.get(k) for k in OUTCOME_FIELDS} for r in q["records"]] for q in questions]
+            for mode, questions in payload["calls"].items()
+        },
+        "rates": {mode: {k: m.get(k) for k in OUTCOME_RATES} for mode, m in payload["modes"].items()},
+        "agreement": payload.get("agreement"),
+    }
 
 
 def fmt(value, spec: str = ".1f") -> str:

@@ -36,6 +36,7 @@ from kvcomm_jax.kvcomm.templates import placeholder_producer
 from kvcomm_jax.model.buckets import bucket_length
 from kvcomm_jax.model.config import ModelConfig
 from kvcomm_jax.scale import sharding
+from kvcomm_jax.scale.distributed import host_values
 
 
 def _anchor_reason(held: np.ndarray, lengths: np.ndarray, length: int) -> str:
@@ -97,7 +98,7 @@ class AnchorStore:
         shareable content, in order, adds activations to the anchors it matched.
         """
         pool = self.pool(name, max(len(c.ids) for c in contents))
-        predictions = jax.device_get([
+        predictions = host_values([
             predict(c.base.values, c.base.length, pool.values, pool.lengths, pool.valid, self.gamma, self.coverage)[:2]
             for c in contents
         ])

@@ -21,7 +21,6 @@ a one-call probe into one.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import warnings
 from typing import Callable, Sequence
@@ -70,6 +69,7 @@ from kvcomm_jax.model.generation import check_prompt_lengths
 from kvcomm_jax.model.kv_cache import KVCache, concat_rows, take_rows
 from kvcomm_jax.model.registry import LoadedModel
 from kvcomm_jax.scale import sharding
+from kvcomm_jax.scale.distributed import host_values
 
 __all__ = ["MODES", "EngineConfig", "KVCommEngine", "Probe", "Request"]
 
@@ -84,9 +84,8 @@ class KVCommEngine:
       prompts: one :class:`~kvcomm_jax.kvcomm.templates.AgentPrompt` per agent.
       config: :class:`~kvcomm_jax.kvcomm.config.EngineConfig`.
       mesh: a ``jax.sharding.Mesh`` (see :mod:`kvcomm_jax.scale.sharding`; default: one device).
-        Params, caches and anchor pools are laid out over it. On a multi-device mesh
-        ``impl="auto"`` uses the jnp reference kernels, which XLA partitions (the Pallas
-        kernels have no partitioning rule).
+        Params, caches and anchor pools are laid out over it, and the Pallas kernels run
+        per device (see :mod:`pallas_kernels.partitioned`).
       probes: measurements run on every reuse call, outside its TTFT (see the module docstring).
     """
 
@@ -109,8 +108,6 @@ class KVCommEngine:
         if not config.partial_reuse and not strategy.uses_anchors:
             raise ValueError(f"mode {config.mode!r} never blocks a placeholder, so turning partial reuse off means nothing")
         self.mesh = sharding.single_device_mesh() if mesh is None else mesh
-        if config.impl == "auto" and self.mesh.size > 1:
-            config = dataclasses.replace(config, impl="reference")
         self.config = config
         self.runner = ModelRunner(model, config, self.mesh)
         self.strategy = strategy()
@@ -323,7 +320,7 @@ class KVCommEngine:
         lengths = [len(c.ids) for c in calls]
         responses, cache = self.runner.decode(first, lengths, cache, decode_key)
         publish_ms = self._publish_responses(requests, agent_id, responses, lengths, cache)
-        first = jax.device_get(first)
+        first = host_values(first)
         records = []
         for row, (request, call, plan) in enumerate(zip(requests, calls, plans)):
             _, _, breakdown, compile_ms, after_ms, computed = parts[plan.path]

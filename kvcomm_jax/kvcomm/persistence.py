@@ -38,6 +38,7 @@ from kvcomm_jax.kvcomm.anchor_pool import AnchorPool, empty_pool, record_deltas
 from kvcomm_jax.kvcomm.slot_book import SlotBook
 from kvcomm_jax.model.config import ModelConfig
 from kvcomm_jax.model.params import check_param_shapes, param_shapes
+from kvcomm_jax.scale.distributed import is_primary
 from kvcomm_jax.scale.sharding import (
     params_shardings,
     shardings_for,
@@ -216,10 +217,6 @@ def _checksum_table(tree) -> dict[str, int]:
 # ------------------------------------------------------------------------------ files
 
 
-def _primary() -> bool:
-    return jax.process_index() == 0
-
-
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
@@ -253,12 +250,12 @@ def _save(directory: str, tree, meta: dict) -> None:
     meta = {"format_version": FORMAT_VERSION, **meta, "checksums": _checksum_table(tree)}
     version = f"v-{_version_id()}"
     tmp = os.path.join(directory, f".tmp-{version}")
-    if _primary():
+    if is_primary():
         os.makedirs(tmp)
     _barrier(f"kvcomm_save_start_{version}")
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
         checkpointer.save(os.path.join(tmp, "arrays"), args=ocp.args.StandardSave(tree))
-    if _primary():
+    if is_primary():
         _write_durably(os.path.join(tmp, METADATA), json.dumps(meta, indent=1))
         os.rename(tmp, os.path.join(directory, version))
         pointer = os.path.join(directory, f".{CURRENT}-{version}")

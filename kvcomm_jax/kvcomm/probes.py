@@ -39,6 +39,7 @@ from kvcomm_jax.model.kv_cache import KVCache, concat_rows, take_rows, with_leng
 from kvcomm_jax.model.registry import LoadedModel
 from kvcomm_jax.model.sampling import SamplingConfig
 from kvcomm_jax.model.transformer import forward
+from kvcomm_jax.scale.distributed import host_values
 
 
 def per_call(measure):
@@ -138,7 +139,7 @@ def teacher_forced(
     for cache in probed_caches:
         probed_logits, _ = forward(probed.params, fed, positions, with_lengths(cache, kept), probed.config)
         metrics.append(teacher_forced_metrics(reference_logits, probed_logits, fed, stop_ids))
-    return jax.device_get(metrics)  # [B] each
+    return host_values(metrics)  # [B] each
 
 
 def per_row(columns: dict) -> list[dict]:
@@ -180,7 +181,7 @@ class FidelityProbe:
         need = bucket_length(max(len(ids) for ids in prompts) + self.tokens, what="prompt + fidelity tokens")
         capacity = max(cache.capacity, need)
         dense_first, dense, dense_ms, _ = reference.prefill(prompts, capacity, key)
-        first_tokens, dense_first = jax.device_get((first, dense_first))  # [B], [B]
+        first_tokens, dense_first = host_values((first, dense_first))  # [B], [B]
         out = [
             {"first_token_agrees": bool(a == d), "dense_first_token": int(d), "dense_ttft_ms": dense_ms}
             for a, d in zip(first_tokens, dense_first)
@@ -201,7 +202,7 @@ def _kv_errors(engine, calls, cache: KVCache, dense: KVCache) -> list[dict]:
     n = jnp.asarray([len(c.ids) - 1 for c in calls], jnp.int32)  # [B]
     capacity = max(c.capacity for c in calls)
     rotated = concat_rows([with_capacity(engine.reuse_cache(c, RotateOnly()), capacity) for c in calls])
-    (k_err, v_err), (k_rot, v_rot) = jax.device_get(
+    (k_err, v_err), (k_rot, v_rot) = host_values(
         (layer_relative_errors(cache, dense, n), layer_relative_errors(rotated, dense, n))
     )  # [B, L] each
     return per_row(

@@ -16,6 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import Mesh
 
 from kvcomm_jax.kvcomm.anchor_pool import ANCHOR_AXES, SLOT_AXES, ConsumerDeltas
 from kvcomm_jax.kvcomm.matching import placeholder_weights, prefix_weights
@@ -67,22 +68,25 @@ def _positions(segment: SegmentKV, start):
     return start + jnp.arange(segment.bucket, dtype=jnp.int32)  # [T]
 
 
-def _reposition(segment: SegmentKV, start, rope, impl) -> SegmentKV:
+def _reposition(segment: SegmentKV, start, rope, impl, mesh) -> SegmentKV:
     """Rotate a frame-0 segment's keys to positions ``start + t`` without correcting it."""
-    keys = rotate_keys(segment.keys, _positions(segment, start), rope, segment.length, impl=impl)
+    keys = rotate_keys(segment.keys, _positions(segment, start), rope, segment.length, impl=impl, mesh=mesh)
     return segment.replace(keys=keys)
 
 
-def _correct(segment: SegmentKV, start, k_weights, v_weights, k_deltas, v_deltas, usable, rope, impl) -> SegmentKV:
+def _correct(
+    segment: SegmentKV, start, k_weights, v_weights, k_deltas, v_deltas, usable, rope, impl, mesh
+) -> SegmentKV:
     """Corrected keys rotated to ``start + t`` (one fused pass) and corrected values."""
+    positions = _positions(segment, start)  # [T]
     keys = correct_and_rotate_keys(
-        segment.keys, k_deltas, k_weights, usable, _positions(segment, start), rope, segment.length, impl=impl
+        segment.keys, k_deltas, k_weights, usable, positions, rope, segment.length, impl=impl, mesh=mesh
     )
-    values = apply_correction(segment.values, v_deltas, v_weights, usable, impl=impl)
+    values = apply_correction(segment.values, v_deltas, v_weights, usable, impl=impl, mesh=mesh)
     return SegmentKV(keys, values, segment.length)
 
 
-def _correct_one(p: PlaceholderInputs, rope, impl):
+def _correct_one(p: PlaceholderInputs, rope, impl, mesh):
     c, a, deltas = p.content, p.anchors, p.anchors.deltas
     T = c.bucket
     content = _correct(
@@ -95,6 +99,7 @@ def _correct_one(p: PlaceholderInputs, rope, impl):
         a.usable,
         rope,
         impl,
+        mesh,
     )
     prefix = _correct(
         p.prefix,
@@ -106,24 +111,31 @@ def _correct_one(p: PlaceholderInputs, rope, impl):
         a.usable,
         rope,
         impl,
+        mesh,
     )
     return content, prefix
 
 
-@functools.partial(jax.jit, static_argnames=("apply_offsets", "impl"))
-def correct_segments(inputs: tuple[PlaceholderInputs, ...], rope, *, apply_offsets: bool, impl: str = "auto"):
+@functools.partial(jax.jit, static_argnames=("apply_offsets", "impl", "mesh"))
+def correct_segments(
+    inputs: tuple[PlaceholderInputs, ...], rope, *, apply_offsets: bool, impl: str = "auto", mesh: Mesh | None = None
+):
     """For each placeholder: ``(content, prefix)`` segments with keys at their real positions.
 
     ``rope``: per-layer RoPE frequency tables ``[L, D/2]``. With ``apply_offsets=False``
     (the ``rotate_only`` ablation) the bases are only re-positioned. Layer 0 is never
-    corrected (the kernels keep it).
+    corrected (the kernels keep it). ``impl`` and ``mesh`` go to the kernels (a mesh of
+    several devices runs them per device).
     """
     if not apply_offsets:
         return tuple(
-            (_reposition(p.content, p.content_start, rope, impl), _reposition(p.prefix, p.prefix_start, rope, impl))
+            (
+                _reposition(p.content, p.content_start, rope, impl, mesh),
+                _reposition(p.prefix, p.prefix_start, rope, impl, mesh),
+            )
             for p in inputs
         )
-    return tuple(_correct_one(p, rope, impl) for p in inputs)
+    return tuple(_correct_one(p, rope, impl, mesh) for p in inputs)
 
 
 @functools.partial(jax.jit, static_argnames=("capacity",))
@@ -149,8 +161,10 @@ def _row_axes(inputs: PlaceholderInputs) -> PlaceholderInputs:
     return PlaceholderInputs(content=0, prefix=None, content_start=0, prefix_start=0, anchors=anchors)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_offsets", "impl"))
-def correct_segments_batch(inputs: tuple[PlaceholderInputs, ...], rope, *, apply_offsets: bool, impl: str = "auto"):
+@functools.partial(jax.jit, static_argnames=("apply_offsets", "impl", "mesh"))
+def correct_segments_batch(
+    inputs: tuple[PlaceholderInputs, ...], rope, *, apply_offsets: bool, impl: str = "auto", mesh: Mesh | None = None
+):
     """:func:`correct_segments` for ``B`` rows at once.
 
     Each input holds a leading ``B`` axis on ``content`` (``[B, L, H, Tc, D]``, one bucket for
@@ -158,7 +172,7 @@ def correct_segments_batch(inputs: tuple[PlaceholderInputs, ...], rope, *, apply
     (``[B, V]``); the template prefix and the pool arrays are shared. Returns one
     ``(content, prefix)`` pair per placeholder, each with a leading ``B`` axis.
     """
-    correct = functools.partial(correct_segments, apply_offsets=apply_offsets, impl=impl)
+    correct = functools.partial(correct_segments, apply_offsets=apply_offsets, impl=impl, mesh=mesh)
     return jax.vmap(correct, in_axes=(tuple(_row_axes(p) for p in inputs), None))(inputs, rope)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
@@ -26,6 +25,7 @@ from kvcomm_jax.model.kv_cache import KVCache, init_cache
 from kvcomm_jax.model.registry import LoadedModel
 from kvcomm_jax.model.rope import rope_tables
 from kvcomm_jax.scale import sharding
+from kvcomm_jax.scale.distributed import host_values
 
 
 class ModelRunner:
@@ -101,12 +101,13 @@ class ModelRunner:
             self.model.params, first, jnp.asarray(prompt_lengths, jnp.int32), cache, self.stop_ids, key,
             self.model.config, self.config.sampling, self.config.max_new_tokens,
         )
-        out, count = jax.device_get((out, count))  # [B, N], [B]: the one read back of a decode
+        out, count = host_values((out, count))  # [B, N], [B]: the one read back of a decode
         return [row[:n].tolist() for row, n in zip(out, count)], cache
 
     def extract(self, cache: KVCache, span: Span, frame0: bool = True, row: int = 0) -> SegmentKV:
         """Slots ``span`` of ``row`` as a segment padded to its length bucket (keys de-rotated to frame 0 if asked)."""
         bucket = bucket_length(span.length, what="segment")
         return extract_segment(
-            cache, span.start, span.length, self.rope, bucket=bucket, frame0=frame0, impl=self.config.impl, row=row
+            cache, span.start, span.length, self.rope, bucket=bucket, frame0=frame0, impl=self.config.impl,
+            mesh=self.mesh, row=row,
         )

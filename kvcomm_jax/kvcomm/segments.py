@@ -13,6 +13,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import Mesh
 
 from kvcomm_jax.model.kv_cache import KVCache, slice_span
 from pallas_kernels import rotate_keys
@@ -54,19 +55,21 @@ def _zero_padding(x, length):
     return jnp.where(mask[None, :, None], x, jnp.zeros((), x.dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("bucket", "frame0", "impl"))
+@functools.partial(jax.jit, static_argnames=("bucket", "frame0", "impl", "mesh"))
 def extract_segment(
-    cache: KVCache, start, length, inv_freq, *, bucket: int, frame0: bool = True, impl: str = "auto", row=0
+    cache: KVCache, start, length, inv_freq, *, bucket: int, frame0: bool = True, impl: str = "auto",
+    mesh: Mesh | None = None, row=0
 ) -> SegmentKV:
     """Slots ``[start, start + length)`` of row ``row`` of ``cache`` as a :class:`SegmentKV` of ``bucket`` tokens.
 
     With ``frame0`` the keys are de-rotated from the positions recorded in the
-    cache to position 0 (``inv_freq``: per-layer RoPE tables ``[L, D/2]``). Padding
-    tokens are zero. The cache must have at least ``start + bucket`` slots.
+    cache to position 0 (``inv_freq``: per-layer RoPE tables ``[L, D/2]``) by
+    :func:`~pallas_kernels.rotate_keys` with ``impl`` and ``mesh``. Padding tokens
+    are zero. The cache must have at least ``start + bucket`` slots.
     """
     keys, values, positions = slice_span(cache, row, start, bucket)  # [L, H, bucket, D], [bucket]
     if frame0:
-        keys = rotate_keys(keys, -positions, inv_freq, length, impl=impl)
+        keys = rotate_keys(keys, -positions, inv_freq, length, impl=impl, mesh=mesh)
     return SegmentKV(_zero_padding(keys, length), _zero_padding(values, length), jnp.asarray(length, jnp.int32))
 
 

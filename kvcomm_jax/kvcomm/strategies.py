@@ -157,7 +157,9 @@ class KVComm:
         inputs = self._inputs(ctx, calls)
         impl = ctx.runner.config.impl
         corrected, matching_ms, compile_matching = timed(
-            lambda: correct_segments_batch(inputs, ctx.runner.rope, apply_offsets=self.apply_offsets, impl=impl)
+            lambda: correct_segments_batch(
+                inputs, ctx.runner.rope, apply_offsets=self.apply_offsets, impl=impl, mesh=ctx.runner.mesh
+            )
         )
         segments = [segment for pair in corrected for segment in pair]
         starts = jnp.asarray([[span.start for span in c.layout.after_prefix0()] for c in calls], jnp.int32)  # [B, 2P]
