@@ -28,6 +28,7 @@ class Case(NamedTuple):
     num_anchors: int
     dtype: str
     layout: str  # "token" ([A, 1, 1, T, 1] weights) or "channel" ([A, L, H, 1, D])
+    heads: int = H
 
 
 def inv_freq_row(head_dim: int, base: float = 500000.0) -> np.ndarray:
@@ -49,12 +50,12 @@ def per_layer_inv_freq(head_dim: int) -> np.ndarray:
 def make_inputs(case: Case) -> dict:
     """Random inputs; invalid anchors and the deltas past T hold NaN; base holds -0.0."""
     rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
-    a, d = case.num_anchors, case.head_dim
-    base = rng.normal(size=(L, H, T, d)).astype(np.float32)  # [L, H, T, D]
+    a, d, h = case.num_anchors, case.head_dim, case.heads
+    base = rng.normal(size=(L, h, T, d)).astype(np.float32)  # [L, H, T, D]
     base[:, :, ::5, ::7] = -0.0
-    deltas = rng.normal(scale=0.5, size=(a, L, H, T + TD_EXTRA, d)).astype(np.float32)
+    deltas = rng.normal(scale=0.5, size=(a, L, h, T + TD_EXTRA, d)).astype(np.float32)
     valid = np.ones(a, bool) if a == 1 else (np.arange(a) % 3 != 1)  # [A]
-    w_shape = (a, 1, 1, T, 1) if case.layout == "token" else (a, L, H, 1, d)
+    w_shape = (a, 1, 1, T, 1) if case.layout == "token" else (a, L, h, 1, d)
     logits = rng.normal(size=w_shape)
     weights = np.where(valid[:, None, None, None, None], np.exp(logits), 0.0)
     weights = (weights / weights.sum(0, keepdims=True)).astype(np.float32)

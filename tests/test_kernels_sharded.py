@@ -8,8 +8,6 @@ and padded tokens kept bit for bit.
 from __future__ import annotations
 
 import functools
-import zlib
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,20 +16,16 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 import pallas_kernels as pk
-from kvcomm_jax.kvcomm.engine import EngineConfig, KVCommEngine
 from kvcomm_jax.scale.sharding import make_mesh, single_device_mesh
-from kvcomm_jax.testing import tiny_loaded_model
-from tests.test_engine import PROMPTS, QUESTIONS, SHORT_QUESTIONS
 from tests.test_kernels import (
     BLOCK,
+    NUM_VALID,
     TOLERANCE,
-    L,
+    Case,
     assert_close,
     bits,
-    per_layer_inv_freq,
+    make_inputs,
 )
-
-T, TD, NUM_VALID, D = 37, 40, 30, 16  # T not a multiple of BLOCK; deltas hold Td > T tokens
 
 KERNELS = {  # name -> (kernel, reference, input names)
     "rotate": (pk.rotate_keys, pk.rotate_keys_reference, ("base", "positions", "inv_freq", "num_valid")),
@@ -44,52 +38,24 @@ KERNELS = {  # name -> (kernel, reference, input names)
 }
 
 
-class Case(NamedTuple):
-    heads: int
-    anchors: int
-    dtype: str
-    layout: str  # "token" ([A, 1, 1, T, 1] weights) or "channel" ([A, L, H, 1, D])
+def sharded_case(heads: int, anchors: int, dtype: str, layout: str) -> Case:
+    """A kernel test case with ``heads`` KV heads and ``anchors`` anchors, head dim 16."""
+    return Case(head_dim=16, num_anchors=anchors, dtype=dtype, layout=layout, heads=heads)
 
 
 # H=4 splits over model=4 and A=4 over data=2; then each split falls back to replicated alone.
-SPLIT_CASES = [Case(4, 4, dt, layout) for dt in TOLERANCE for layout in ("token", "channel")]
+SPLIT_CASES = [sharded_case(4, 4, dt, layout) for dt in TOLERANCE for layout in ("token", "channel")]
 SPLIT_RUNS = [  # the rotation takes no weights: one layout is enough
     (kernel, case) for case in SPLIT_CASES for kernel in KERNELS
     if kernel != "rotate" or case.layout == "token"
 ]
-FALLBACK_CASES = [Case(4, 3, "float32", "channel"), Case(2, 4, "float32", "channel")]
+FALLBACK_CASES = [sharded_case(4, 3, "float32", "channel"), sharded_case(2, 4, "float32", "channel")]
 
 
 @pytest.fixture(scope="module")
 def mesh():
     assert jax.device_count() == 8
     return make_mesh("data=2,model=4")
-
-
-@functools.cache
-def make_inputs(case: Case) -> dict:
-    """Random inputs; invalid anchors and the deltas past T hold NaN; base holds -0.0."""
-    rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
-    a, h = case.anchors, case.heads
-    base = rng.normal(size=(L, h, T, D)).astype(np.float32)  # [L, H, T, D]
-    base[:, :, ::5, ::7] = -0.0
-    deltas = rng.normal(scale=0.5, size=(a, L, h, TD, D)).astype(np.float32)  # [A, L, H, Td, D]
-    valid = np.arange(a) % 3 != 1  # [A], anchor 1 invalid (on data shard 0)
-    w_shape = (a, 1, 1, T, 1) if case.layout == "token" else (a, L, h, 1, D)
-    weights = rng.uniform(0.1, 1.0, size=w_shape).astype(np.float32)
-    deltas[~valid] = np.nan
-    weights[~valid] = np.nan
-    deltas[:, :, :, T:] = np.nan
-    dtype = jnp.dtype(case.dtype)
-    return dict(
-        base=jnp.asarray(base, dtype),
-        deltas=jnp.asarray(deltas, dtype),
-        weights=jnp.asarray(weights),
-        anchor_valid=jnp.asarray(valid),
-        positions=jnp.asarray(rng.integers(-200, 5000, size=T), jnp.int32),  # [T]
-        inv_freq=jnp.asarray(per_layer_inv_freq(D)),  # [L, D/2]
-        num_valid=jnp.int32(NUM_VALID),
-    )
 
 
 def call(kernel: str, case: Case, mesh, impl: str = "interpret"):
@@ -139,7 +105,7 @@ def test_fallback_to_replicated(mesh, kernel, case):
     """A (or H) that the mesh axis does not divide is replicated; the other split still runs."""
     check_against_reference(kernel, case, call(kernel, case, mesh))
     text = jaxpr_text(kernel, case, mesh)
-    assert ("psum" in text) == (case.anchors % mesh.shape["data"] == 0)
+    assert ("psum" in text) == (case.num_anchors % mesh.shape["data"] == 0)
 
 
 @pytest.mark.parametrize("kernel", list(KERNELS))
@@ -157,7 +123,7 @@ def test_jaxpr_holds_shard_map_around_pallas_call(mesh, kernel):
 
 def test_under_vmap(mesh):
     """As ``correct_segments_batch`` calls it: rows of bases and anchor validity, shared deltas."""
-    case = Case(4, 4, "bfloat16", "channel")
+    case = sharded_case(4, 4, "bfloat16", "channel")
     x = make_inputs(case)
     base = jnp.stack([x["base"], -x["base"]])  # [B, L, H, T, D]
     valid = jnp.stack([x["anchor_valid"], x["anchor_valid"].at[0].set(False)])  # [B, A]
@@ -173,32 +139,3 @@ def test_under_vmap(mesh):
         expected = pk.correct_and_rotate_keys_reference(base[r], x["deltas"], x["weights"], valid[r], *rest)
         assert_close(np.asarray(out[r], np.float32), np.asarray(expected, np.float32), case.dtype)
     np.testing.assert_array_equal(bits(out[:, :, :, NUM_VALID:]), bits(base[:, :, :, NUM_VALID:]))
-
-
-def test_engine_runs_the_kernels_on_the_mesh(mesh):
-    """The whole reuse path with interpret kernels on ``data=2,model=4`` equals one device's reference."""
-    model = tiny_loaded_model(num_heads=8, num_kv_heads=4, head_dim=8, hidden_size=64)
-    config = functools.partial(EngineConfig, max_new_tokens=6, gamma=10.0)
-    engines = {
-        "single": KVCommEngine(model, PROMPTS, config(impl="reference")),
-        "sharded": KVCommEngine(model, PROMPTS, config(impl="interpret"), mesh=mesh),
-    }
-    requests = {name: [] for name in engines}
-    for question in QUESTIONS[:3] + SHORT_QUESTIONS[:1]:
-        for name, engine in engines.items():
-            request = engine.new_request(question)
-            for agent in (0, 1):
-                engine.run_agent(request, agent)
-            requests[name].append(request)
-    single, sharded = (requests[name][-1] for name in engines)
-    assert [r.path for r in single.records] == [r.path for r in sharded.records] == ["reuse", "reuse"]
-    assert [r.response_ids for r in single.records] == [r.response_ids for r in sharded.records]
-    for agent in (0, 1):
-        calls = [engine.prepare_call(request, agent) for engine, request in zip(engines.values(), (single, sharded))]
-        caches = [engine.reuse_cache(call) for engine, call in zip(engines.values(), calls)]
-        n = len(calls[0].ids) - 1
-        for field in ("keys", "values"):
-            a, b = (np.asarray(getattr(c, field)[:, 0, :, :n]) for c in caches)  # [L, H, n, D]
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    for pool in engines["sharded"].pools.values():  # the kernels' anchors are spread over data
-        assert pool.keys.sharding.spec[0] == "data"
