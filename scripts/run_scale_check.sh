@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 OUT=${1:-docs/results}
 MESH=data=2,model=4
-JOB=(pipeline --task gsm8k --agents 4 --mode both --limit 8 --batch-size 8)
+JOB=(pipeline --task gsm8k --agents 4 --mode both --limit 8 --batch-size 8 --max-new-tokens 48 --fidelity-tokens 8)
 mkdir -p "$OUT"
 /usr/bin/time -f "1 device: %e s wall" \
   env XLA_FLAGS=--xla_force_host_platform_device_count=1 $PY run.py "${JOB[@]}" --json "$OUT/scale_1dev.json" | tail -4
