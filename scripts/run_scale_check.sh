@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 OUT=${1:-docs/results}
-MESH=data=2,model=4
+MESH=data=8
 JOB=(pipeline --task gsm8k --agents 4 --mode both --limit 8 --batch-size 8 --max-new-tokens 48 --fidelity-tokens 8)
 mkdir -p "$OUT"
 /usr/bin/time -f "1 device: %e s wall" \
