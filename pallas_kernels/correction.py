@@ -29,7 +29,7 @@ def apply_correction_reference(base, deltas, weights, anchor_valid) -> jax.Array
     The anchors are added one after another to a float32 copy of the base, in the
     kernel's order. The loop over the static A unrolls into one fused pass over the
     deltas; the same sum written as a reduction over the leading ``[A, ...]`` axis ran
-    about 40 times slower on a CPU (docs/benchmarks.md §1).
+    many times slower on a CPU (docs/benchmarks.md §1).
     """
     num_tokens = base.shape[2]
     out = base.astype(jnp.float32)  # [L, H, T, D]

@@ -19,19 +19,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def job_env(port: int, num_processes: int, process_id: int, local_devices: int, **extra: str) -> dict:
-    """The environment of process ``process_id``: ``KVCOMM_*`` settings and ``local_devices`` CPU devices."""
+def device_env(local_devices: int, **extra: str) -> dict:
+    """This environment without ``KVCOMM_*`` settings, with ``local_devices`` CPU devices and the repository importable."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVCOMM_")}
     env.update(
         XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}",
         JAX_PLATFORMS="cpu",
         PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.path.join(ROOT, "tests"), env.get("PYTHONPATH")])),
-        KVCOMM_COORDINATOR=f"127.0.0.1:{port}",
-        KVCOMM_NUM_PROCESSES=str(num_processes),
-        KVCOMM_PROCESS_ID=str(process_id),
         **extra,
     )
     return env
+
+
+def job_env(port: int, num_processes: int, process_id: int, local_devices: int, **extra: str) -> dict:
+    """The environment of process ``process_id`` of a job coordinated on ``port``."""
+    return device_env(
+        local_devices, KVCOMM_COORDINATOR=f"127.0.0.1:{port}", KVCOMM_NUM_PROCESSES=str(num_processes),
+        KVCOMM_PROCESS_ID=str(process_id), **extra,
+    )
 
 
 @dataclasses.dataclass

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from processes import ROOT, job_env, run_job
+from processes import ROOT, device_env, run_job
 from test_weights import VOCAB, checkpoint_tensors, random_params, write_gguf
 
 from kvcomm_jax.bench.reporting import run_outcome
@@ -27,22 +27,22 @@ def model(tmp_path_factory):
     return write_gguf(path, "llama", config, checkpoint_tensors(config, random_params(config, seed=3), hf=False))
 
 
-def _launch(num_processes: int, devices: int, args: list[str], log_dir) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in job_env(0, 1, 0, devices).items() if not k.startswith("KVCOMM_")}
+def _launch(num_processes: int, devices: int, args: list[str]) -> subprocess.CompletedProcess:
+    """``scripts/launch_local.sh`` running ``run.py args`` on ``num_processes`` processes."""
     return subprocess.run(
         ["bash", LAUNCHER, str(num_processes), "--devices-per-process", str(devices), "--", *args],
-        env={**env, "PYTHON": sys.executable}, cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env=device_env(devices, PYTHON=sys.executable), cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
 
 
 def test_two_processes_write_what_one_device_writes(tmp_path, model):
     one = subprocess.run(
         [sys.executable, "run.py", *JOB, "--model", model, "--json", str(tmp_path / "one.json")],
-        env={k: v for k, v in job_env(0, 1, 0, 1).items() if not k.startswith("KVCOMM_")}, cwd=ROOT,
+        env=device_env(1), cwd=ROOT,
         capture_output=True, text=True, timeout=600,
     )
     assert one.returncode == 0, one.stderr[-4000:]
-    two = _launch(2, 2, [*JOB, "--model", model, "--mesh", "data=2,model=2", "--json", str(tmp_path / "two.json")], tmp_path)
+    two = _launch(2, 2, [*JOB, "--model", model, "--mesh", "data=2,model=2", "--json", str(tmp_path / "two.json")])
     assert two.returncode == 0, (two.stdout + two.stderr)[-4000:]
     lines = two.stdout.splitlines()
     assert any(line.startswith(f"[0] wrote {tmp_path / 'two.json'}") for line in lines)

@@ -122,7 +122,7 @@ def failing_together():
     try:
         yield
     except Exception as err:
-        if jax.process_count() == 1:
+        if not jax.distributed.is_initialized() or jax.process_count() == 1:
             raise
         traceback.print_exc()
         first_line = (str(err).strip().splitlines() or [""])[0][:300]
