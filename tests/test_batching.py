@@ -148,3 +148,38 @@ def test_a_warm_engine_compiles_nothing_in_steady_state():
     assert all(r.compile_ms == 0.0 for r in records)
     assert sum(r.path == "reuse" for r in records) >= 10  # the steady state reuses
     assert all(pool.slots == 2 for pool in engine.pools.values())
+
+
+def _short_questions(first: int, count: int) -> list[str]:
+    """``count`` questions of 14-16 tokens with the tiny tokenizer (a smaller length bucket than :func:`_questions`)."""
+    names = ("Tom", "Sara", "Ann", "Ben", "Mia")
+    return [f"{names[i % 5]} has {first + i} pens and loses {i % 3 + 1}. How many remain?" for i in range(count)]
+
+
+def test_a_warm_batched_engine_compiles_nothing_for_new_questions():
+    """Batches of 4 requests through two agents: once 20 long questions have filled the pools (all
+    slots allocated from the start), 20 new questions in batches of short ones and of short and long
+    mixed run without a compilation: contents are corrected and written at their pools' widths, so
+    a batch of shorter contents meets the programs longer ones compiled."""
+    config = EngineConfig(max_new_tokens=4, ignore_eos=True, gamma=10.0, anchor_capacity=4, exact_question=True,
+                          recompute_ratio=0.2)
+    engine = KVCommEngine(tiny_loaded_model(), PROMPTS, config)
+    tokenizer = engine.model.tokenizer
+    assert {len(tokenizer.encode_segment(q)) for q in _short_questions(0, 5)} <= set(range(9, 17))  # bucket 16
+    assert {len(tokenizer.encode_segment(q)) for q in _questions(0, 5)} <= set(range(17, 33))  # bucket 32
+
+    def run(questions):
+        records = []
+        for start in range(0, len(questions), 4):
+            requests = [engine.new_request(q) for q in questions[start : start + 4]]
+            for agent in (0, 1):
+                records += engine.run_agents(requests, agent)
+        return records
+
+    run(_questions(10, 20))
+    mixed = [q for pair in zip(_questions(40, 4), _short_questions(40, 4)) for q in pair]
+    with CompileCounter() as counter:
+        records = run(_short_questions(60, 12) + mixed)
+    assert counter.count == 0
+    assert all(pool.slots == 4 for pool in engine.pools.values())
+    assert sum(r.path == "reuse" for r in records) >= 30  # the steady state reuses

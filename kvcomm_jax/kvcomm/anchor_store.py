@@ -72,23 +72,26 @@ class AnchorStore:
         return self.pools[name]
 
     def pool(self, name: str, length: int) -> AnchorPool:
-        """The pool of ``name``, created (two slots) or with its token axis grown to hold ``length`` tokens.
+        """The pool of ``name``, created or with its token axis grown to hold ``length`` tokens.
 
-        The slot axis starts at two and doubles as anchors arrive, up to ``capacity``: the
-        correction's work follows the anchors held (every slot is read, usable or not), at
-        the price of one new program per growth (at most ``log2(capacity)`` in a pool's
-        life). A full pool, and a content no longer than every earlier one, change no shape.
+        A pool is created with all ``capacity`` slots, so its slot axis never changes shape
+        and the programs that read it compile once; its token axis is the bucket of the
+        longest content seen, so a content no longer than every earlier one changes no shape.
         """
         c = self.config
         if name not in self.pools:
             tokens = bucket_length(length, what=f"placeholder {{{name}}} content")
-            slots = min(2, self.capacity)
-            pool = empty_pool(self.capacity, c.num_layers, c.num_kv_heads, c.head_dim, tokens, c.jnp_dtype, slots=slots)
-            self.books[name] = SlotBook.empty(slots)
+            pool = empty_pool(self.capacity, c.num_layers, c.num_kv_heads, c.head_dim, tokens, c.jnp_dtype)
+            self.books[name] = SlotBook.empty(self.capacity)
             return self._set(name, pool)
         if length > self.pools[name].token_capacity:
             return self._set(name, ensure_token_capacity(self.pools[name], length))
         return self.pools[name]
+
+    def token_capacity(self, name: str) -> int:
+        """Tokens ``name``'s pool holds per anchor (0 before its first content): the width its contents are corrected at."""
+        pool = self.pools.get(name)
+        return 0 if pool is None else pool.token_capacity
 
     def observe(self, name: str, contents: Sequence[Content]) -> None:
         """Anchor prediction for contents whose base KV is known: sets each ``content.becomes_anchor``.

@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kvcomm_jax.kvcomm.anchor_pool import AnchorPool
 from kvcomm_jax.kvcomm.anchor_store import AnchorStore
@@ -64,7 +65,7 @@ from kvcomm_jax.kvcomm.templates import (
     segment_template,
 )
 from kvcomm_jax.kvcomm.timing import ready, timed
-from kvcomm_jax.model.buckets import bucket_length
+from kvcomm_jax.model.buckets import bucket_length, row_bucket
 from kvcomm_jax.model.generation import check_prompt_lengths
 from kvcomm_jax.model.kv_cache import KVCache, concat_rows, take_rows
 from kvcomm_jax.model.registry import LoadedModel
@@ -130,6 +131,7 @@ class KVCommEngine:
         self._lead_ids = tuple(tok.encode(content_header(model.chat_format)) + tok.encode_segment(config.lead_in))
         self._num_requests = 0
         self.boundary_mismatches: dict[str, int] = {}  # contents whose text merged with the template, per placeholder
+        self._sizes: dict[tuple, int] = {}  # (what, agent id, ...) -> a step shape's size, only grows (see _settled)
 
     @property
     def model(self) -> LoadedModel:
@@ -188,11 +190,12 @@ class KVCommEngine:
         start = time.perf_counter()
         drop = len(self._lead_ids)
         buckets = [bucket_length(len(c.ids), what=f"placeholder {{{n}}} content") for n, c in missing]
+        buckets += [self.anchors.token_capacity(n) for n, _ in missing]
         capacity = self.runner.capacity(drop + max(len(c.ids) for _, c in missing), buckets)
         prompts = [self._lead_ids + c.ids for _, c in missing]
-        _, cache, _, _ = self.runner.prefill(prompts, capacity, jax.random.PRNGKey(0))
-        for row, (_, content) in enumerate(missing):
-            content.base = self.runner.extract(cache, Span(drop, len(content.ids)), row=row)
+        _, cache, _, _ = self.runner.prefill(_padded(prompts), capacity, jax.random.PRNGKey(0))
+        for row, (name, content) in enumerate(missing):  # bases at their pools' widths: one shape per pool
+            content.base = self.runner.extract(cache, Span(drop, len(content.ids)), row=row, width=self.anchors.token_capacity(name))
         for name in dict.fromkeys(n for n, _ in missing):
             self.anchors.observe(name, [c for n, c in missing if n == name])
         return (ready([c.base for _, c in missing]) - start) * 1e3
@@ -227,7 +230,8 @@ class KVCommEngine:
             ids = tuple(template.ids({n: c.ids for n, c in mine.items()}))
             check_prompt_lengths([ids], self.config.max_new_tokens, self.model.config, names=[f"agent {agent_id}'s prompt"])
             buckets = [bucket_length(len(c.ids), what=f"placeholder {{{n}}} content") for n, c in mine.items()]
-            if self.strategy.uses_bases:
+            if self.strategy.uses_bases:  # contents are corrected and written at their pools' widths
+                buckets += [self.anchors.token_capacity(n) for n in mine]
                 buckets += [p.bucket for p in self.templates.kv(agent_id).prefixes[1:]]
             layout = template.layout({n: len(c.ids) for n, c in mine.items()})
             calls.append(PreparedCall(agent_id, ids, mine, layout, self.runner.capacity(len(ids), buckets), others_ms))
@@ -253,13 +257,15 @@ class KVCommEngine:
         strategy = strategy or self.strategy
         built = strategy.build_cache(self.context, calls, capacity)
         breakdown, compile_ms = dict(built.timings_ms), built.compile_ms
-        targets, counts = plan_targets(plans)
+        targets, counts = plan_targets(plans)  # [B, T], [B]
+        width = self._settled(("width", calls[0].agent_id, plans[0].path), targets.shape[1])
+        targets = np.pad(targets, ((0, 0), (0, width - targets.shape[1])))  # [B, width]
         ratio = recompute_ratio(self.context, strategy) if ratio is None else ratio
         if built.scores is not None and ratio > 0:
             candidates = selection_candidates(plans, [c.layout.prefix(0).length for c in calls], capacity)  # [B, S]
             picks = selection_budget(ratio, candidates)  # [B]
             if picks.max() > 0:
-                extra = bucket_length(int(picks.max()), what="selected tokens")
+                extra = self._settled(("selected", calls[0].agent_id), bucket_length(int(picks.max()), what="selected tokens"))
                 (targets, _), ms, compile_select = timed(
                     lambda: add_selected(targets, counts, built.scores, candidates, picks, extra=extra)
                 )
@@ -278,8 +284,10 @@ class KVCommEngine:
 
         The rows that go dense share one batched prefill, the fully reused rows one batched
         reuse step, the partly reused rows another (their forwards differ in width), and all
-        rows one batched decode. Pool updates are applied after each
-        part in request order; predictions within a step see the pools as they were before
+        rows one batched decode. Reuse steps run a power-of-two number of rows (the last row
+        repeated, its copies' results dropped) and every step of an agent one cache capacity
+        (the largest it has needed), so new batches meet compiled programs. Pool updates are
+        applied after each part in request order; predictions within a step see the pools as they were before
         it. A call's TTFT is its batched part's time. The step's randomness comes from the
         first request's key, so sampled (non-greedy) rows differ from one-by-one runs;
         greedy decoding does not depend on it.
@@ -287,7 +295,7 @@ class KVCommEngine:
         if not requests:
             raise ValueError("run_agents needs at least one request")
         calls = self._prepare_calls(requests, agent_id)
-        capacity = max(c.capacity for c in calls)
+        capacity = self._settled(("capacity", agent_id), max(c.capacity for c in calls))
         key = jax.random.fold_in(jax.random.PRNGKey(self.config.sampling.seed), requests[0].index * 4096 + agent_id)
         prefill_key, decode_key = jax.random.split(key)
         plans = [self.strategy.decide(self.context, c) for c in calls]
@@ -296,26 +304,28 @@ class KVCommEngine:
             groups[plan.path].append(row)
         groups = {path: rows for path, rows in groups.items() if rows}
 
-        parts = {}  # path -> (first [b], cache, breakdown_ms, compile_ms, others_ms, computed tokens [b])
+        parts = {}  # path -> (first [b'], cache, breakdown_ms, compile_ms, others_ms, computed tokens [b]); b' >= b rows
         for path, rows in groups.items():
             mine = [calls[r] for r in rows]
             if path == "dense":
                 first, cache, prefill_ms, compile_ms = self.runner.prefill([c.ids for c in mine], capacity, prefill_key)
                 after_ms = self._record_deltas(mine, cache, [range(len(c.layout.placeholders)) for c in mine])
                 parts[path] = (first, cache, {"prefill": prefill_ms}, compile_ms, after_ms, [0] * len(rows))
-            else:
+            else:  # rows padded to a bucket by repeating the last, so few batch sizes compile
                 first, cache, breakdown, compile_ms, computed = self.reuse_prefill(
-                    mine, [plans[r] for r in rows], capacity, prefill_key
+                    _padded(mine), _padded([plans[r] for r in rows]), capacity, prefill_key
                 )
                 after_ms = self._record_deltas(mine, cache, [plans[r].exact for r in rows])
-                parts[path] = (first, cache, breakdown, compile_ms, after_ms, computed)
+                parts[path] = (first, cache, breakdown, compile_ms, after_ms, computed[: len(rows)])
 
-        order = [row for rows in groups.values() for row in rows]  # rows of the concatenated parts
-        first = jnp.concatenate([part[0] for part in parts.values()])  # [B]
+        starts = np.cumsum([0, *(part[0].shape[0] for part in parts.values())])  # each part's first row
+        where = {row: start + i for start, rows in zip(starts, groups.values()) for i, row in enumerate(rows)}
+        first = jnp.concatenate([part[0] for part in parts.values()])  # [B'], padding rows included
         cache = concat_rows([part[1] for part in parts.values()])
-        if order != sorted(order):  # back to request order
-            inverse = jnp.asarray(sorted(range(len(order)), key=order.__getitem__), jnp.int32)
-            first, cache = first[inverse], take_rows(cache, inverse)
+        index = [where[row] for row in range(len(calls))]  # request order, padding rows dropped
+        if index != list(range(first.shape[0])):
+            picked = jnp.asarray(index, jnp.int32)
+            first, cache = first[picked], take_rows(cache, picked)
         fidelity = self._run_probes(calls, plans, cache, first, prefill_key)
         lengths = [len(c.ids) for c in calls]
         responses, cache = self.runner.decode(first, lengths, cache, decode_key)
@@ -345,6 +355,11 @@ class KVCommEngine:
             request.records.append(record)
             records.append(record)
         return records
+
+    def _settled(self, key: tuple, needed: int) -> int:
+        """The size ``key`` of a step's shape (a capacity, a width): the largest any step has needed, so programs settle."""
+        self._sizes[key] = max(self._sizes.get(key, 0), needed)
+        return self._sizes[key]
 
     def _record_deltas(self, calls: Sequence[PreparedCall], cache: KVCache, placeholders) -> float:
         """Deviations for new anchors among each row's ``placeholders`` computed in context; ms per row (outside TTFT)."""
@@ -380,7 +395,14 @@ class KVCommEngine:
         if not self.strategy.uses_bases or name not in self.consumers:
             return 0.0
         start = time.perf_counter()
+        width = self.anchors.token_capacity(name)
         for row, (content, n) in enumerate(zip(contents, prompt_lengths)):
-            content.base = self.runner.extract(cache, Span(n, len(content.ids)), row=row)
+            content.base = self.runner.extract(cache, Span(n, len(content.ids)), row=row, width=width)
         self.strategy.after_response(self.context, name, contents)
         return (ready([c.base for c in contents]) - start) * 1e3 / len(contents)
+
+
+def _padded(items: Sequence) -> list:
+    """``items`` padded to :func:`~kvcomm_jax.model.buckets.row_bucket` rows by repeating the last one."""
+    return [*items, *[items[-1]] * (row_bucket(len(items)) - len(items))]
+

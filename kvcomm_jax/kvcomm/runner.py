@@ -104,9 +104,10 @@ class ModelRunner:
         out, count = host_values((out, count))  # [B, N], [B]: the one read back of a decode
         return [row[:n].tolist() for row, n in zip(out, count)], cache
 
-    def extract(self, cache: KVCache, span: Span, frame0: bool = True, row: int = 0) -> SegmentKV:
-        """Slots ``span`` of ``row`` as a segment padded to its length bucket (keys de-rotated to frame 0 if asked)."""
-        bucket = bucket_length(span.length, what="segment")
+    def extract(self, cache: KVCache, span: Span, frame0: bool = True, row: int = 0, width: int = 0) -> SegmentKV:
+        """Slots ``span`` of ``row`` as a segment padded to its length bucket, or to ``width`` when that is
+        larger (keys de-rotated to frame 0 if asked). The cache must hold ``span.start`` plus that many slots."""
+        bucket = max(bucket_length(span.length, what="segment"), width)
         return extract_segment(
             cache, span.start, span.length, self.rope, bucket=bucket, frame0=frame0, impl=self.config.impl,
             mesh=self.mesh, row=row,

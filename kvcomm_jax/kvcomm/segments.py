@@ -82,9 +82,13 @@ def segment_difference(real: SegmentKV, base: SegmentKV) -> SegmentKV:
                      _zero_padding(values, real.length).astype(real.values.dtype), real.length)
 
 
-def stack_rows(segments: Sequence[SegmentKV]) -> SegmentKV:
-    """Segments of any buckets as one batch: keys/values ``[B, L, H, T, D]`` (``T`` = largest bucket), lengths ``[B]``."""
-    bucket = max(s.bucket for s in segments)
+def stack_rows(segments: Sequence[SegmentKV], bucket: int = 0) -> SegmentKV:
+    """Segments of any buckets as one batch: keys/values ``[B, L, H, T, D]``, lengths ``[B]``.
+
+    ``T`` is the largest bucket, or ``bucket`` when that is larger (a fixed width keeps the
+    programs that read the batch from recompiling as contents change).
+    """
+    bucket = max(bucket, *(s.bucket for s in segments))
     return SegmentKV(
         keys=jnp.stack([fit_tokens(s.keys, bucket) for s in segments]),
         values=jnp.stack([fit_tokens(s.values, bucket) for s in segments]),

@@ -137,7 +137,7 @@ class KVComm:
         template_kv = ctx.templates.kv(agent)
         return tuple(
             PlaceholderInputs(
-                content=stack_rows([c.contents[name].base for c in calls]),
+                content=stack_rows([c.contents[name].base for c in calls], bucket=ctx.anchors.token_capacity(name)),
                 prefix=template_kv.prefix(i + 1),
                 content_start=jnp.asarray([c.layout.content(i).start for c in calls], jnp.int32),  # [B]
                 prefix_start=jnp.asarray([c.layout.prefix(i + 1).start for c in calls], jnp.int32),
@@ -197,7 +197,7 @@ class KVComm:
             content = call.contents[name]
             if not content.becomes_anchor:
                 continue
-            real_content = ctx.runner.extract(cache, call.layout.content(i), row=row)
+            real_content = ctx.runner.extract(cache, call.layout.content(i), row=row, width=content.base.bucket)
             real_prefix = ctx.runner.extract(cache, call.layout.prefix(i + 1), row=row)
             ctx.anchors.store(
                 name, content, call.agent_id,
