@@ -195,7 +195,8 @@ class KVCommEngine:
         prompts = [self._lead_ids + c.ids for _, c in missing]
         _, cache, _, _ = self.runner.prefill(_padded(prompts), capacity, jax.random.PRNGKey(0))
         for row, (name, content) in enumerate(missing):  # bases at their pools' widths: one shape per pool
-            content.base = self.runner.extract(cache, Span(drop, len(content.ids)), row=row, width=self.anchors.token_capacity(name))
+            width = self.anchors.token_capacity(name)
+            content.base = self.runner.extract(cache, Span(drop, len(content.ids)), row=row, width=width)
         for name in dict.fromkeys(n for n, _ in missing):
             self.anchors.observe(name, [c for n, c in missing if n == name])
         return (ready([c.base for _, c in missing]) - start) * 1e3
@@ -258,14 +259,18 @@ class KVCommEngine:
         built = strategy.build_cache(self.context, calls, capacity)
         breakdown, compile_ms = dict(built.timings_ms), built.compile_ms
         targets, counts = plan_targets(plans)  # [B, T], [B]
-        width = self._settled(("width", calls[0].agent_id, plans[0].path), targets.shape[1])
-        targets = np.pad(targets, ((0, 0), (0, width - targets.shape[1])))  # [B, width]
+        settle = all(p.path == "reuse" for p in plans)  # a partial step's width follows its rows (it may be wide)
+        if settle:
+            width = self._settled(("width", calls[0].agent_id), targets.shape[1])
+            targets = np.pad(targets, ((0, 0), (0, width - targets.shape[1])))  # [B, width]
         ratio = recompute_ratio(self.context, strategy) if ratio is None else ratio
         if built.scores is not None and ratio > 0:
             candidates = selection_candidates(plans, [c.layout.prefix(0).length for c in calls], capacity)  # [B, S]
             picks = selection_budget(ratio, candidates)  # [B]
             if picks.max() > 0:
-                extra = self._settled(("selected", calls[0].agent_id), bucket_length(int(picks.max()), what="selected tokens"))
+                extra = bucket_length(int(picks.max()), what="selected tokens")
+                if settle:
+                    extra = self._settled(("selected", calls[0].agent_id), extra)
                 (targets, _), ms, compile_select = timed(
                     lambda: add_selected(targets, counts, built.scores, candidates, picks, extra=extra)
                 )
@@ -284,9 +289,10 @@ class KVCommEngine:
 
         The rows that go dense share one batched prefill, the fully reused rows one batched
         reuse step, the partly reused rows another (their forwards differ in width), and all
-        rows one batched decode. Reuse steps run a power-of-two number of rows (the last row
-        repeated, its copies' results dropped) and every step of an agent one cache capacity
-        (the largest it has needed), so new batches meet compiled programs. Pool updates are
+        rows one batched decode. Full reuse steps run a power-of-two number of rows (the last
+        row repeated, its copies' results dropped) at one width per agent, and every step of an
+        agent one cache capacity (each the largest it has needed), so new batches meet compiled
+        programs; partial steps, whose forwards may be wide, run their own rows at their own width. Pool updates are
         applied after each part in request order; predictions within a step see the pools as they were before
         it. A call's TTFT is its batched part's time. The step's randomness comes from the
         first request's key, so sampled (non-greedy) rows differ from one-by-one runs;
@@ -295,7 +301,9 @@ class KVCommEngine:
         if not requests:
             raise ValueError("run_agents needs at least one request")
         calls = self._prepare_calls(requests, agent_id)
-        capacity = self._settled(("capacity", agent_id), max(c.capacity for c in calls))
+        capacity = max(c.capacity for c in calls)
+        if self.strategy.uses_bases:  # reuse steps settle on one capacity per agent (dense's follows its prompt bucket)
+            capacity = self._settled(("capacity", agent_id), capacity)
         key = jax.random.fold_in(jax.random.PRNGKey(self.config.sampling.seed), requests[0].index * 4096 + agent_id)
         prefill_key, decode_key = jax.random.split(key)
         plans = [self.strategy.decide(self.context, c) for c in calls]
@@ -311,9 +319,10 @@ class KVCommEngine:
                 first, cache, prefill_ms, compile_ms = self.runner.prefill([c.ids for c in mine], capacity, prefill_key)
                 after_ms = self._record_deltas(mine, cache, [range(len(c.layout.placeholders)) for c in mine])
                 parts[path] = (first, cache, {"prefill": prefill_ms}, compile_ms, after_ms, [0] * len(rows))
-            else:  # rows padded to a bucket by repeating the last, so few batch sizes compile
+            else:  # full reuse rows padded to a bucket by repeating the last, so few batch sizes compile
+                pad = _padded if path == "reuse" else list
                 first, cache, breakdown, compile_ms, computed = self.reuse_prefill(
-                    _padded(mine), _padded([plans[r] for r in rows]), capacity, prefill_key
+                    pad(mine), pad([plans[r] for r in rows]), capacity, prefill_key
                 )
                 after_ms = self._record_deltas(mine, cache, [plans[r].exact for r in rows])
                 parts[path] = (first, cache, breakdown, compile_ms, after_ms, computed[: len(rows)])
