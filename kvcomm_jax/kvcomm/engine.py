@@ -354,7 +354,7 @@ class KVCommEngine:
                 recomputed_tokens=computed,
                 ttft_ms=sum(breakdown.values()),
                 breakdown_ms=dict(breakdown),
-                compile_ms=compile_ms,
+                compile_ms=compile_ms / len(groups[plan.path]),  # its share: sums over records count each once
                 others_ms=call.others_ms + after_ms + publish_ms,
                 first_token=int(first[row]),
                 response_ids=responses[row],

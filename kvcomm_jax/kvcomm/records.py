@@ -20,7 +20,8 @@ class CallRecord:
     recomputed_tokens: tokens a reuse call computed in context (0 for dense)
     ttft_ms: prefill to first token, warm (compilation excluded); breakdown_ms: its parts
       ("prefill" for dense; "matching_offset", "assembly", "selection" when a rule ran, "forward")
-    compile_ms: time the call spent compiling new programs, reported apart from TTFT
+    compile_ms: the call's share of the time its batched part spent compiling new programs (the
+      part's time over its rows, so a sum over records counts each compilation once), apart from TTFT
     others_ms: work the call triggers outside its TTFT: base KV and prediction of its
       question/conditions, deltas recorded after a dense prefill, publishing its response
     fidelity: for reuse calls, what the engine's probes measured (e.g. per-layer relative
