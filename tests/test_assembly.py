@@ -7,12 +7,22 @@ the dense cache back.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kvcomm_jax.kvcomm.anchor_pool import ConsumerDeltas
 from kvcomm_jax.kvcomm.layout import Layout
-from kvcomm_jax.kvcomm.reuse import assemble_cache
+from kvcomm_jax.kvcomm.reuse import (
+    AnchorInputs,
+    PlaceholderInputs,
+    assemble_cache,
+    assemble_cache_batch,
+    build_reuse_cache,
+    correct_segments_batch,
+    correction_sizes,
+)
 from kvcomm_jax.kvcomm.segments import SegmentKV, extract_segment
 from kvcomm_jax.model.buckets import bucket_length
 from kvcomm_jax.model.config import tiny_config
@@ -195,3 +205,44 @@ def test_frame0_layer0_keys_are_position_free(dense):
     assert _rel_err(raw1, raw0) > 1e-2
     # Values of layer 0 carry no position at all.
     np.testing.assert_allclose(np.asarray(seg1.values)[0, :, :n], np.asarray(seg0.values)[0, :, :n], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("apply_offsets", [True, False])
+def test_the_one_program_reuse_step_equals_its_parts_called_apart(apply_offsets):
+    """``build_reuse_cache`` = ``correct_segments_batch`` then ``assemble_cache_batch`` (and
+    ``correction_sizes``) to float32 rounding (one program may fuse the arithmetic differently), on two rows of two placeholders with partly usable anchors."""
+    rng = np.random.default_rng(3)
+    A, T, TP, B, capacity = 3, 16, 16, 2, 128
+
+    def arr(*shape):
+        return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+    def seg(*lead, length):
+        return SegmentKV(arr(*lead, L, H, T, D), arr(*lead, L, H, T, D), jnp.asarray(length, jnp.int32))
+
+    inputs, starts, pos = [], [], 16
+    for _ in range(2):
+        deltas = ConsumerDeltas(arr(A, L, H, T, D), arr(A, L, H, T, D), arr(A, L, H, TP, D), arr(A, L, H, TP, D),
+                                jnp.ones((A,), bool))
+        anchors = AnchorInputs(arr(A, L, H, T, D), arr(A, L, H, T, D), jnp.asarray([16, 12, 16], jnp.int32),
+                               jnp.asarray([[True, False, True], [True, True, True]]), deltas)
+        lengths = [11, 14]
+        inputs.append(PlaceholderInputs(seg(B, length=lengths), seg(length=9), jnp.asarray([pos, pos + 1], jnp.int32),
+                                        jnp.asarray([pos + 11, pos + 15], jnp.int32), anchors))
+        starts.append([[pos, pos + 11], [pos + 1, pos + 15]])
+        pos += 40
+    inputs = tuple(inputs)
+    starts = jnp.asarray(np.concatenate([np.asarray(s) for s in starts], axis=1), jnp.int32)  # [B, 2P]
+    prefix0, num_cached = seg(length=16), jnp.asarray([100, 104], jnp.int32)
+    rope = jnp.asarray(rope_tables(tiny_config(num_layers=L, num_kv_heads=H, head_dim=D)))
+
+    cache, sizes = build_reuse_cache(inputs, rope, prefix0, starts, num_cached, capacity=capacity,
+                                     apply_offsets=apply_offsets, impl="reference", with_sizes=True)
+    corrected = correct_segments_batch(inputs, rope, apply_offsets=apply_offsets, impl="reference")
+    apart = assemble_cache_batch(prefix0, [s for pair in corrected for s in pair], starts, num_cached, capacity=capacity)
+    for got, want in zip(jax.tree.leaves(cache), jax.tree.leaves(apart)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    want_sizes = correction_sizes(corrected, inputs, starts, capacity=capacity)
+    np.testing.assert_allclose(np.asarray(sizes), np.asarray(want_sizes), rtol=1e-5, atol=1e-6)
+    assert build_reuse_cache(inputs, rope, prefix0, starts, num_cached, capacity=capacity,
+                             apply_offsets=apply_offsets, impl="reference")[1] is None

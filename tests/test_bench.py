@@ -60,7 +60,7 @@ def test_ttft_reports_every_documented_number_per_agent(ttft_result):
         assert a["calls"] == a["reused_calls"] == 2  # gamma 1: every measured call reuses
         for key in AGENT_TIMES:
             assert _positive(a[key]), (a["agent"], key, a[key])
-        assert all(_positive(a["breakdown_ms"][part]) for part in ("matching_offset", "assembly", "forward"))
+        assert all(_positive(a["breakdown_ms"][part]) for part in ("correction_assembly", "forward"))
         assert a["others_ms"] >= 0
         assert all(_positive(v) for v in a["floor_parts_ms"].values()) and set(a["floor_parts_ms"]) == {"forward", "read"}
         assert a["floor_bytes"] > 0

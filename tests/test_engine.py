@@ -141,7 +141,7 @@ def test_reuse_path_uses_the_corrected_cache_and_runs_one_token(warm_engine, mon
     assert record.path == "reuse"
     assert shapes and set(shapes) == {(1, 1)}  # one-token forwards only (run twice if it compiled)
     assert record.reused_tokens == record.prompt_tokens - 1
-    assert set(record.breakdown_ms) == {"matching_offset", "assembly", "forward"}
+    assert set(record.breakdown_ms) == {"correction_assembly", "forward"}
 
 
 def test_similar_request_reuses_without_recompiling():
@@ -202,7 +202,7 @@ def test_dense_and_rotate_only_modes_share_the_code_path():
             assert dense.run_agent(rd, agent).path == "dense"
             rotate.run_agent(rr, agent)
     assert not dense.pools
-    assert rr.records[0].path == "reuse" and rr.records[0].breakdown_ms["matching_offset"] >= 0
+    assert rr.records[0].path == "reuse" and rr.records[0].breakdown_ms["correction_assembly"] >= 0
     # rotate-only skips the offsets: every reused value (values are never rotated) is its base's, bit for bit
     call = rotate.prepare_call(rr, 1)
     cache = rotate.reuse_cache(call)

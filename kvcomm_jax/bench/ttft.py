@@ -108,7 +108,7 @@ def copy_machine_prompts(tokenizer: Tokenizer, settings: TTFTSettings) -> list[A
     return prompts
 
 
-BREAKDOWN = ("matching_offset", "assembly", "forward")
+BREAKDOWN = ("correction_assembly", "forward")
 BASELINES = ("dense", "dense_prefix_cached")
 
 
@@ -241,7 +241,7 @@ def ttft_table(result: dict) -> str:
     ]
     table = markdown_table(
         ["agent", "prompt tokens", "dense ms", "prefix-cached dense ms", "KVCOMM ms", "floor ms", "vs dense",
-         "vs prefix-cached", "KVCOMM / floor", "matching+offset ms", "assembly ms", "1-token forward ms", "others ms",
+         "vs prefix-cached", "KVCOMM / floor", "correction + assembly ms", "1-token forward ms", "others ms",
          "floor: forward + read ms", "reused"],
         rows,
     )

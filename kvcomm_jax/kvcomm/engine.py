@@ -252,7 +252,7 @@ class KVCommEngine:
         ``round(r * approximated tokens)`` approximated tokens it ranks highest. ``strategy``
         and ``ratio`` (default: the engine's) let a probe rebuild the same calls another way. Returns
         ``(first_tokens [B], cache, breakdown_ms, compile_ms, computed [B])``: the breakdown
-        holds warm times of "matching_offset", "assembly", "selection" (when one ran) and
+        holds warm times of "correction_assembly", "selection" (when one ran) and
         "forward"; ``computed`` counts each row's tokens computed in context.
         """
         strategy = strategy or self.strategy
@@ -292,9 +292,9 @@ class KVCommEngine:
         rows one batched decode. Full reuse steps run a power-of-two number of rows (the last
         row repeated, its copies' results dropped) at one width per agent, and every step of an
         agent one cache capacity (each the largest it has needed), so new batches meet compiled
-        programs; partial steps, whose forwards may be wide, run their own rows at their own width. Pool updates are
-        applied after each part in request order; predictions within a step see the pools as they were before
-        it. A call's TTFT is its batched part's time. The step's randomness comes from the
+        programs; partial steps, whose forwards may be wide, run their own rows at their own
+        width. Pool updates are applied after each part in request order; predictions within a
+        step see the pools as they were before it. A call's TTFT is its batched part's time. The step's randomness comes from the
         first request's key, so sampled (non-greedy) rows differ from one-by-one runs;
         greedy decoding does not depend on it.
         """
@@ -414,4 +414,3 @@ class KVCommEngine:
 def _padded(items: Sequence) -> list:
     """``items`` padded to :func:`~kvcomm_jax.model.buckets.row_bucket` rows by repeating the last one."""
     return [*items, *[items[-1]] * (row_bucket(len(items)) - len(items))]
-

@@ -1,12 +1,15 @@
 """The reuse path's array work: offset approximation per placeholder, then cache assembly.
 
-Two jitted calls per agent call, each unrolled over the agent's placeholders at
-trace time (no Python loop runs per layer, anchor or token):
+One program per batched reuse step (:func:`build_reuse_cache`), unrolled over the
+agent's placeholders at trace time (no Python loop runs per layer, anchor or token),
+so the corrected segments are written into the cache without leaving it:
 
 * :func:`correct_segments` computes the matching weights and the corrected,
   re-positioned KV of every placeholder content and of the prefix segment after
   it (docs/design.md §6-7), through the Pallas kernel dispatch;
-* :func:`assemble_cache` writes prefix 0 and those segments into one KV cache.
+* :func:`assemble_cache` writes prefix 0 and those segments into one KV cache;
+* :func:`correction_sizes`, when a selection rule needs it, scores each token by how
+  far the correction moved it.
 """
 
 from __future__ import annotations
@@ -212,3 +215,24 @@ def correction_sizes(corrected, inputs: tuple[PlaceholderInputs, ...], starts, *
     for i, s in enumerate(sizes):
         out = jax.vmap(lambda row, new, at: jax.lax.dynamic_update_slice_in_dim(row, new, at, axis=0))(out, s, starts[:, i])
     return out
+
+
+@functools.partial(jax.jit, static_argnames=("capacity", "apply_offsets", "impl", "mesh", "with_sizes"))
+def build_reuse_cache(
+    inputs: tuple[PlaceholderInputs, ...], rope, prefix0: SegmentKV, starts, num_cached, *, capacity: int,
+    apply_offsets: bool, impl: str = "auto", mesh: Mesh | None = None, with_sizes: bool = False,
+):
+    """A batched reuse step's cache in one program: ``(cache [L, B, H, capacity, D], sizes [B, capacity] or None)``.
+
+    :func:`correct_segments_batch` over ``inputs`` (rows as it describes), then
+    :func:`assemble_cache_batch` of ``prefix0`` and the corrected segments at ``starts
+    [B, 2P]`` (prompt order) with ``num_cached [B]``; with ``with_sizes``, also
+    :func:`correction_sizes`. Equal to the three called one after another (to float32
+    rounding: XLA may fuse the arithmetic differently), without the corrected segments
+    materialising between programs.
+    """
+    corrected = correct_segments_batch(inputs, rope, apply_offsets=apply_offsets, impl=impl, mesh=mesh)
+    segments = [segment for pair in corrected for segment in pair]
+    cache = assemble_cache_batch(prefix0, segments, starts, num_cached, capacity=capacity)
+    sizes = correction_sizes(corrected, inputs, starts, capacity=capacity) if with_sizes else None
+    return cache, sizes

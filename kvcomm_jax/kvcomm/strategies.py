@@ -26,12 +26,7 @@ import jax.numpy as jnp
 from kvcomm_jax.kvcomm.cacheblend import first_layers_deviation
 from kvcomm_jax.kvcomm.layout import Span
 from kvcomm_jax.kvcomm.plans import Plan, plan_call
-from kvcomm_jax.kvcomm.reuse import (
-    PlaceholderInputs,
-    assemble_cache_batch,
-    correct_segments_batch,
-    correction_sizes,
-)
+from kvcomm_jax.kvcomm.reuse import PlaceholderInputs, build_reuse_cache
 from kvcomm_jax.kvcomm.segments import segment_difference, stack_rows
 from kvcomm_jax.kvcomm.timing import timed, timed_donating
 from kvcomm_jax.model.generation import pad_prompts
@@ -148,30 +143,24 @@ class KVComm:
             for i, name in enumerate(calls[0].layout.placeholders)
         )
 
-    def _assemble(self, ctx: ReuseContext, calls: Sequence["PreparedCall"], capacity: int):
+    def _assemble(self, ctx: ReuseContext, calls: Sequence["PreparedCall"], capacity: int, with_sizes: bool = False):
         """Corrected (or re-positioned) segments assembled into the cache of every prompt token.
 
-        Two jitted calls for the whole batch: matching + offsets for every placeholder,
-        then assembly. Returns ``(BuiltCache without scores, corrected pairs, inputs, starts [B, 2P])``.
+        One jitted program for the whole batch (:func:`~kvcomm_jax.kvcomm.reuse.build_reuse_cache`):
+        matching, offsets and re-rotation for every placeholder, then assembly; with
+        ``with_sizes`` the scores are how far the correction moved each token.
         """
         inputs = self._inputs(ctx, calls)
-        impl = ctx.runner.config.impl
-        corrected, matching_ms, compile_matching = timed(
-            lambda: correct_segments_batch(
-                inputs, ctx.runner.rope, apply_offsets=self.apply_offsets, impl=impl, mesh=ctx.runner.mesh
-            )
-        )
-        segments = [segment for pair in corrected for segment in pair]
         starts = jnp.asarray([[span.start for span in c.layout.after_prefix0()] for c in calls], jnp.int32)  # [B, 2P]
         lengths = jnp.asarray([len(c.ids) for c in calls], jnp.int32)  # [B]
         prefix0 = ctx.templates.kv(calls[0].agent_id).prefix(0)
-        cache, assembly_ms, compile_assembly = timed(
-            lambda: assemble_cache_batch(prefix0, segments, starts, lengths, capacity=capacity)
+        (cache, sizes), ms, compile_ms = timed(
+            lambda: build_reuse_cache(
+                inputs, ctx.runner.rope, prefix0, starts, lengths, capacity=capacity, apply_offsets=self.apply_offsets,
+                impl=ctx.runner.config.impl, mesh=ctx.runner.mesh, with_sizes=with_sizes,
+            )
         )
-        built = BuiltCache(
-            cache, None, {"matching_offset": matching_ms, "assembly": assembly_ms}, compile_matching + compile_assembly
-        )
-        return built, corrected, inputs, starts
+        return BuiltCache(cache, sizes, {"correction_assembly": ms}, compile_ms)
 
     def build_cache(self, ctx: ReuseContext, calls: Sequence["PreparedCall"], capacity: int) -> BuiltCache:
         """The cache ``[L, B, H, capacity, D]`` of every prompt token, one row per call of one agent.
@@ -179,11 +168,7 @@ class KVComm:
         With a recompute ratio above 0, the scores are how far the correction moved each
         token (:func:`~kvcomm_jax.kvcomm.reuse.correction_sizes`).
         """
-        built, corrected, inputs, starts = self._assemble(ctx, calls, capacity)
-        if not self.selects or recompute_ratio(ctx, self) == 0:
-            return built
-        scores, ms, compile_ms = timed(lambda: correction_sizes(corrected, inputs, starts, capacity=capacity))
-        return BuiltCache(built.cache, scores, {**built.timings_ms, "selection": ms}, built.compile_ms + compile_ms)
+        return self._assemble(ctx, calls, capacity, with_sizes=self.selects and recompute_ratio(ctx, self) > 0)
 
     def record(self, ctx: ReuseContext, call: "PreparedCall", cache: "KVCache", row: int, placeholders) -> None:
         """Store ``real - base`` deviations (from ``row`` of ``cache``) for ``placeholders`` whose content is a new anchor.
@@ -241,7 +226,7 @@ class CacheBlend(KVComm):
         return []
 
     def build_cache(self, ctx: ReuseContext, calls: Sequence["PreparedCall"], capacity: int) -> BuiltCache:
-        built, _, _, _ = self._assemble(ctx, calls, capacity)
+        built = self._assemble(ctx, calls, capacity)
         tokens, _, lengths = pad_prompts([c.ids for c in calls])  # [B, T], [B]
         model = ctx.runner.model
         signature = (tokens.shape, built.cache.keys.shape, str(built.cache.keys.dtype))
