@@ -1,16 +1,24 @@
 """Anchor pool, matching weights and prediction on hand-made arrays."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from kvcomm_jax.kvcomm.anchor_pool import (
+    ConsumerDeltas,
     add_activations,
     empty_pool,
     insert_anchor,
     record_deltas,
 )
 from kvcomm_jax.kvcomm.matching import placeholder_weights, predict, prefix_weights
+from kvcomm_jax.kvcomm.reuse import (
+    AnchorInputs,
+    PlaceholderInputs,
+    correct_segments_batch,
+)
+from kvcomm_jax.kvcomm.segments import SegmentKV
 from kvcomm_jax.kvcomm.slot_book import SlotBook
 
 L, H, D = 2, 1, 4
@@ -177,3 +185,25 @@ def test_coverage_lets_shorter_anchors_pass_the_length_gate():
     assert bool(becomes)  # the paper's gate: no anchor is 8 tokens long
     becomes, increments, _ = predict(content, 8, pool.values, pool.lengths, pool.valid, 1.0, coverage=True)
     assert not bool(becomes) and increments.tolist()[2] == 0
+
+
+def test_a_batched_correction_never_holds_every_anchors_gathered_tail_at_once():
+    """The prefix weights compare each row's content with each anchor's last tokens; the batched
+    correction's scratch memory stays far below one gathered ``[B, A, L, H, T, D]`` tail (which at
+    the default model's size, 10 rows, 20 anchors and 512 tokens, was 9.4 GB)."""
+    B, A, L, H, T, D, TP = 8, 8, 2, 2, 256, 16, 16
+
+    def spec(*shape, dtype=jnp.float32):
+        return jax.ShapeDtypeStruct(shape, dtype)
+
+    deltas = ConsumerDeltas(spec(A, L, H, T, D), spec(A, L, H, T, D), spec(A, L, H, TP, D), spec(A, L, H, TP, D),
+                            spec(A, dtype=bool))
+    anchors = AnchorInputs(spec(A, L, H, T, D), spec(A, L, H, T, D), spec(A, dtype=jnp.int32), spec(B, A, dtype=bool), deltas)
+    inputs = (PlaceholderInputs(
+        SegmentKV(spec(B, L, H, T, D), spec(B, L, H, T, D), spec(B, dtype=jnp.int32)),
+        SegmentKV(spec(L, H, TP, D), spec(L, H, TP, D), spec(dtype=jnp.int32)),
+        spec(B, dtype=jnp.int32), spec(B, dtype=jnp.int32), anchors,
+    ),)
+    compiled = correct_segments_batch.lower(inputs, spec(L, D // 2), apply_offsets=True, impl="reference").compile()
+    gathered_tail = B * A * L * H * T * D * 4
+    assert compiled.memory_analysis().temp_size_in_bytes < gathered_tail / 4

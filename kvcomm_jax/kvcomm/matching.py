@@ -56,12 +56,17 @@ def prefix_weights(base, anchors, length, anchor_lengths, usable) -> jax.Array:
     T = base.shape[2]
     t = jnp.arange(T)
     at = anchor_lengths[:, None] - length + t[None]  # [A, T] anchor token facing content token t
-    idx = jnp.clip(at, 0, anchors.shape[3] - 1)
-    tail = jnp.take_along_axis(anchors, idx[:, None, None, :, None], axis=3).astype(jnp.float32)  # [A, L, H, T, D]
-    sq = jnp.square(base.astype(jnp.float32)[None] - tail)
-    sq = jnp.where(((t[None] < length) & (at >= 0))[:, None, None, :, None], sq, 0.0)
+    base = base.astype(jnp.float32)
+
+    def squared_distance(anchor, facing):  # [L, H, Ta, D], [T] -> [L, H, D]
+        tail = jnp.take(anchor, jnp.clip(facing, 0, anchor.shape[2] - 1), axis=2).astype(jnp.float32)  # [L, H, T, D]
+        sq = jnp.where(((t < length) & (facing >= 0))[None, None, :, None], jnp.square(base - tail), 0.0)
+        return jnp.sum(sq, axis=2)
+
+    # One anchor at a time: a gathered tail per anchor (and per row, under vmap) would hold A whole contents at once.
+    sq = jax.lax.map(lambda x: squared_distance(*x), (anchors, at))  # [A, L, H, D]
     covered = jnp.clip(jnp.minimum(anchor_lengths, length), 1, None).astype(jnp.float32)  # [A]
-    d = jnp.sqrt(jnp.sum(sq, axis=3) * (length / covered)[:, None, None, None])  # [A, L, H, D]
+    d = jnp.sqrt(sq * (length / covered)[:, None, None, None])  # [A, L, H, D]
     return _masked_softmax(d, usable[:, None, None, None])[:, :, :, None, :]
 
 
