@@ -157,8 +157,8 @@ def _short_questions(first: int, count: int) -> list[str]:
 
 
 def test_a_warm_batched_engine_compiles_nothing_for_new_questions():
-    """Batches of 4 requests through two agents: once 20 long questions have filled the pools (all
-    slots allocated from the start), 20 new questions in batches of short ones and of short and long
+    """Batches of 4 requests through two agents: once 20 long questions have filled the pools (their
+    slot axes grown to capacity), 20 new questions in batches of short ones and of short and long
     mixed run without a compilation: contents are corrected and written at their pools' widths, so
     a batch of shorter contents meets the programs longer ones compiled."""
     config = EngineConfig(max_new_tokens=4, ignore_eos=True, gamma=10.0, anchor_capacity=4, exact_question=True,

@@ -7,10 +7,9 @@ content and over that agent's prefix segment right after the placeholder.
 Activation counts and ages live in the same pytree, written from the host's
 :class:`~kvcomm_jax.kvcomm.slot_book.SlotBook` (the truth every decision reads) and never
 read back during a call. At most ``capacity`` (V)
-anchors are ever held; the engine allocates all V slots at once (a pool built
-with fewer, e.g. an older checkpoint, doubles its slot axis up to V as anchors
-arrive), and the token axis is padded to a bucket that grows when a longer
-content arrives.
+anchors are ever held; the slot axis starts small and doubles (up to V) as
+anchors arrive, so a young pool costs little memory and matching work, and the
+token axis is padded to a bucket that grows when a longer content arrives.
 Occupied slots always form a prefix: new anchors take the first free slot.
 """
 

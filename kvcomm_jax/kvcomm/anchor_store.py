@@ -74,15 +74,20 @@ class AnchorStore:
     def pool(self, name: str, length: int) -> AnchorPool:
         """The pool of ``name``, created or with its token axis grown to hold ``length`` tokens.
 
-        A pool is created with all ``capacity`` slots, so its slot axis never changes shape
-        and the programs that read it compile once; its token axis is the bucket of the
-        longest content seen, so a content no longer than every earlier one changes no shape.
+        The slot axis starts at two and doubles as anchors arrive, up to ``capacity``: memory
+        and the correction's work follow the anchors held (every slot is read, usable or
+        not; all V slots of every pool at once would hold about 12 GB at the paper's
+        5-agent, 1024-token setting on the default model), at the price of one new program
+        per growth (at most ``log2(capacity)`` in a pool's life). The token axis is the bucket
+        of the longest content seen. A full pool, and a content no longer than every earlier
+        one, change no shape.
         """
         c = self.config
         if name not in self.pools:
             tokens = bucket_length(length, what=f"placeholder {{{name}}} content")
-            pool = empty_pool(self.capacity, c.num_layers, c.num_kv_heads, c.head_dim, tokens, c.jnp_dtype)
-            self.books[name] = SlotBook.empty(self.capacity)
+            slots = min(2, self.capacity)
+            pool = empty_pool(self.capacity, c.num_layers, c.num_kv_heads, c.head_dim, tokens, c.jnp_dtype, slots=slots)
+            self.books[name] = SlotBook.empty(slots)
             return self._set(name, pool)
         if length > self.pools[name].token_capacity:
             return self._set(name, ensure_token_capacity(self.pools[name], length))
