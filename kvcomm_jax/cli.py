@@ -317,7 +317,7 @@ def _models(args):
 def _check_plan_settings(args) -> None:
     """Refuse plan settings that none of the chosen modes would use."""
     strategies = [STRATEGIES[m] for m in MODE_CHOICES[args.mode] if m in STRATEGIES]
-    if args.recompute_ratio is not None and not any(s.selects for s in strategies):
+    if args.recompute_ratio is not None and not any(s.score_rule is not None for s in strategies):
         raise ValueError(
             f"--recompute-ratio: no mode of --mode {args.mode} has a rule to select tokens to recompute "
             "(kvcomm and cacheblend have)"

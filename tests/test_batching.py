@@ -74,10 +74,10 @@ def test_batched_reuse_cache_and_logits_equal_one_by_one():
     calls = [engine.prepare_call(r, 1) for r in requests]
     assert all(engine.strategy.decide(engine.context, c).reuses for c in calls)
     capacity = max(c.capacity for c in calls)
-    batched = engine.strategy.build_cache(engine.context, calls, capacity).cache
+    batched = engine.strategy.build_cache(engine.context, calls, capacity)
     batched_logits = _first_logits(engine, [c.ids for c in calls], batched)
     for row, call in enumerate(calls):
-        alone = engine.strategy.build_cache(engine.context, [call], capacity).cache
+        alone = engine.strategy.build_cache(engine.context, [call], capacity)
         n = len(call.ids) - 1
         assert _relative(batched.keys[:, row, :, :n], alone.keys[:, 0, :, :n]) < 1e-5
         assert _relative(batched.values[:, row, :, :n], alone.values[:, 0, :, :n]) < 1e-5

@@ -14,8 +14,10 @@ from kvcomm_jax.kvcomm.plans import (
     add_selected,
     plan_call,
     plan_targets,
+    selection_budget,
     selection_candidates,
 )
+from kvcomm_jax.kvcomm.reuse import build_reuse_cache
 from kvcomm_jax.kvcomm.slot_book import SlotBook
 from kvcomm_jax.model.generation import pad_prompts
 from kvcomm_jax.model.registry import load_model
@@ -123,7 +125,7 @@ def test_recomputing_every_approximated_token_equals_dense(mode):
     """Ratio 1: the selection adds every token after prefix 0, so the cache is the dense one."""
     engine = _warm(EngineConfig(mode=mode, max_new_tokens=4, gamma=10.0, recompute_ratio=1.0))
     call, plan, (first, cache, breakdown, computed), (dense_first, dense) = _reuse_and_dense(engine, SHORT_QUESTION)
-    assert plan.path == "reuse" and "selection" in breakdown
+    assert plan.path == "reuse" and set(breakdown) == {"reuse_step"}
     assert computed == len(call.ids) - call.layout.prefix(0).length
     _assert_equals_dense(cache, dense, len(call.ids))
     assert int(first[0]) == int(dense_first[0])
@@ -157,6 +159,47 @@ def test_selective_recompute_adds_the_rounded_share_of_approximated_tokens():
     call, plan, (_, cache, _, computed), (_, dense) = _reuse_and_dense(engine, SHORT_QUESTION)
     approximated = len(call.ids) - call.layout.prefix(0).length - 1
     assert plan.path == "reuse" and computed == 1 + round(0.25 * approximated)
+
+
+@pytest.mark.parametrize("mode, ratio", [("kvcomm", 0.3), ("kvcomm", 0.0), ("cacheblend", 0.3), ("rotate_only", None)])
+def test_the_one_program_step_equals_its_parts_run_one_after_another(mode, ratio):
+    """``reuse_step`` = the strategy's cache, its selection scores, ``add_selected`` and the forward, as separate programs."""
+    engine = _warm(EngineConfig(mode=mode, max_new_tokens=4, gamma=10.0, recompute_ratio=ratio))
+    request = engine.new_request(SHORT_QUESTION)
+    engine.run_agent(request, 0)
+    call = engine.prepare_call(request, 1)
+    plan = engine.strategy.decide(engine.context, call)
+    key = jax.random.PRNGKey(0)
+    first, cache, _, _, computed = engine.reuse_prefill([call], [plan], call.capacity, key)
+
+    parts = engine.strategy.build_cache(engine.context, [call], call.capacity)
+    targets, counts = plan_targets([plan])
+    tokens, _, lengths = pad_prompts([call.ids])
+    scores = None
+    if engine.strategy.score_rule == "first_layers":
+        parts, scores = first_layers_deviation(engine.model.params, tokens, lengths, parts, engine.model.config)
+    candidates = selection_candidates([plan], [call.layout.prefix(0).length], call.capacity)
+    picks = selection_budget(ratio or 0.0, candidates)
+    if picks.max() > 0:
+        if scores is None:
+            scores = _correction_sizes(engine, call)
+        targets, counts = add_selected(targets, counts, scores, candidates, picks, extra=int(picks.max()))
+    expected_first, expected, _, _ = engine.runner.recompute([call.ids], targets, counts, parts, key)
+    assert computed == [int(np.asarray(counts)[0])] and (computed[0] > 1) == bool(ratio)
+    assert int(first[0]) == int(expected_first[0])
+    n = len(call.ids)
+    for name in ("keys", "values"):
+        assert _relative(getattr(cache, name)[:, 0, :, :n], getattr(expected, name)[:, 0, :, :n]) < 1e-5, name
+
+
+def _correction_sizes(engine, call):
+    """How far KVCOMM's correction moved each token of ``call`` (``[1, S]``), from a program of its own."""
+    i = engine.strategy.step_inputs(engine.context, [call])
+    _, sizes = build_reuse_cache(
+        i.placeholders, engine.runner.rope, i.prefix0, i.starts, i.lengths, capacity=call.capacity, apply_offsets=True,
+        with_sizes=True,
+    )
+    return sizes
 
 
 def test_record_counts_and_reasons_follow_the_plan():

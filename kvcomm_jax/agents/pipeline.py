@@ -142,7 +142,7 @@ def mode_engine(
         config = dataclasses.replace(  # plan settings apply to the modes they mean something in
             config,
             mode=mode,
-            recompute_ratio=config.recompute_ratio if strategy.selects else None,
+            recompute_ratio=config.recompute_ratio if strategy.score_rule is not None else None,
             partial_reuse=config.partial_reuse or not strategy.uses_anchors,
         )
         probes = () if fidelity_tokens is None else (FidelityProbe(tokens=fidelity_tokens),)

@@ -36,13 +36,13 @@ from kvcomm_jax.kvcomm.layout import Span
 from kvcomm_jax.kvcomm.plans import (
     PATHS,
     Plan,
-    add_selected,
     plan_targets,
     selection_budget,
     selection_candidates,
 )
 from kvcomm_jax.kvcomm.records import CallRecord
 from kvcomm_jax.kvcomm.request import Content, PreparedCall, Request
+from kvcomm_jax.kvcomm.reuse_step import reuse_step
 from kvcomm_jax.kvcomm.runner import ModelRunner
 from kvcomm_jax.kvcomm.strategies import (
     MODES,
@@ -66,7 +66,7 @@ from kvcomm_jax.kvcomm.templates import (
 )
 from kvcomm_jax.kvcomm.timing import ready, timed
 from kvcomm_jax.model.buckets import bucket_length, row_bucket
-from kvcomm_jax.model.generation import check_prompt_lengths
+from kvcomm_jax.model.generation import check_prompt_lengths, pad_prompts
 from kvcomm_jax.model.kv_cache import KVCache, concat_rows, take_rows
 from kvcomm_jax.model.registry import LoadedModel
 from kvcomm_jax.scale import sharding
@@ -104,7 +104,7 @@ class KVCommEngine:
         if config.mode not in STRATEGIES:
             raise ValueError(f"unknown mode {config.mode!r} (known: {', '.join(MODES)})")
         strategy = STRATEGIES[config.mode]
-        if config.recompute_ratio and not strategy.selects:
+        if config.recompute_ratio and strategy.score_rule is None:
             raise ValueError(f"mode {config.mode!r} has no rule to select tokens to recompute; drop recompute_ratio")
         if not config.partial_reuse and not strategy.uses_anchors:
             raise ValueError(f"mode {config.mode!r} never blocks a placeholder, so turning partial reuse off means nothing")
@@ -240,45 +240,47 @@ class KVCommEngine:
 
     def reuse_cache(self, call: PreparedCall, strategy=None) -> KVCache:
         """The cache of every token of ``call``'s prompt as ``strategy`` (default: the engine's) reuses it, before any recompute."""
-        return (strategy or self.strategy).build_cache(self.context, [call], call.capacity).cache
+        return (strategy or self.strategy).build_cache(self.context, [call], call.capacity)
 
     def reuse_prefill(
         self, calls: Sequence[PreparedCall], plans: Sequence[Plan], capacity: int, key, strategy=None,
         ratio: float | None = None,
     ):
-        """The reuse path for a batch of calls: the strategy's cache, then one forward over each plan's computed tokens.
+        """The reuse path for a batch of calls, to their first tokens, as one program (:func:`~kvcomm_jax.kvcomm.reuse_step.reuse_step`).
 
-        A strategy with a selection rule and a recompute ratio ``r > 0`` adds, per row, the
-        ``round(r * approximated tokens)`` approximated tokens it ranks highest. ``strategy``
-        and ``ratio`` (default: the engine's) let a probe rebuild the same calls another way. Returns
-        ``(first_tokens [B], cache, breakdown_ms, compile_ms, computed [B])``: the breakdown
-        holds warm times of "correction_assembly", "selection" (when one ran) and
-        "forward"; ``computed`` counts each row's tokens computed in context.
+        The strategy's cache, then one forward over each plan's computed tokens. A strategy
+        with a score rule and a recompute ratio ``r > 0`` adds, per row, the ``round(r *
+        approximated tokens)`` approximated tokens it ranks highest. ``strategy`` and
+        ``ratio`` (default: the engine's) let a probe rebuild the same calls another way.
+        Returns ``(first_tokens [B], cache, breakdown_ms, compile_ms, computed [B])``: the
+        breakdown holds the step's warm time as "reuse_step"; ``computed`` counts each
+        row's tokens computed in context.
         """
         strategy = strategy or self.strategy
-        built = strategy.build_cache(self.context, calls, capacity)
-        breakdown, compile_ms = dict(built.timings_ms), built.compile_ms
-        targets, counts = plan_targets(plans)  # [B, T], [B]
-        settle = all(p.path == "reuse" for p in plans)  # a partial step's width follows its rows (it may be wide)
-        if settle:
-            width = self._settled(("width", calls[0].agent_id), targets.shape[1])
-            targets = np.pad(targets, ((0, 0), (0, width - targets.shape[1])))  # [B, width]
+        agent, settle = calls[0].agent_id, all(p.path == "reuse" for p in plans)
+
+        def size(what: str, needed: int) -> int:  # full reuse steps settle per agent; a partial step's may be wide
+            return self._settled((what, agent), needed) if settle else needed
+
+        targets, counts = plan_targets(plans)  # [B, W], [B]
+        targets = np.pad(targets, ((0, 0), (0, size("width", targets.shape[1]) - targets.shape[1])))
         ratio = recompute_ratio(self.context, strategy) if ratio is None else ratio
-        if built.scores is not None and ratio > 0:
-            candidates = selection_candidates(plans, [c.layout.prefix(0).length for c in calls], capacity)  # [B, S]
-            picks = selection_budget(ratio, candidates)  # [B]
-            if picks.max() > 0:
-                extra = bucket_length(int(picks.max()), what="selected tokens")
-                if settle:
-                    extra = self._settled(("selected", calls[0].agent_id), extra)
-                (targets, _), ms, compile_select = timed(
-                    lambda: add_selected(targets, counts, built.scores, candidates, picks, extra=extra)
-                )
-                breakdown["selection"] = breakdown.get("selection", 0.0) + ms
-                compile_ms += compile_select
-                counts = counts + picks
-        first, cache, forward_ms, compile_forward = self.runner.recompute([c.ids for c in calls], targets, counts, built.cache, key)
-        return first, cache, {**breakdown, "forward": forward_ms}, compile_ms + compile_forward, counts.tolist()
+        candidates = selection_candidates(plans, [c.layout.prefix(0).length for c in calls], capacity)  # [B, S]
+        picks = selection_budget(ratio, candidates) if strategy.score_rule else np.zeros(len(calls), np.int32)  # [B]
+        extra = size("selected", bucket_length(int(picks.max()), what="selected tokens")) if picks.max() > 0 else 0
+        prompts = [c.ids for c in calls]
+        tokens, _, _ = pad_prompts(prompts, width=size("prompt", bucket_length(max(map(len, prompts)), what="prompt")))
+        inputs = strategy.step_inputs(self.context, calls)
+        model = self.runner.model
+        (first, cache), ms, compile_ms = timed(
+            lambda: reuse_step(
+                model.params, inputs.placeholders, self.runner.rope, inputs.prefix0, inputs.starts, inputs.lengths,
+                tokens, jnp.asarray(targets), jnp.asarray(counts), jnp.asarray(candidates), jnp.asarray(picks), key,
+                capacity=capacity, apply_offsets=strategy.apply_offsets, score_rule=strategy.score_rule, extra=extra,
+                config=model.config, sampling=self.config.sampling, impl=self.config.impl, mesh=self.mesh,
+            )
+        )
+        return first, cache, {"reuse_step": ms}, compile_ms, (counts + picks).tolist()
 
     def run_agent(self, request: Request, agent_id: int) -> CallRecord:
         """One agent call: prefill (dense or reuse), decode, publish the response. Returns its record."""

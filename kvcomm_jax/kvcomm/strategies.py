@@ -1,18 +1,19 @@
 """Reuse strategies: how an agent call gets its cache (docs/design.md §9 and §12).
 
 A strategy plans each call (:class:`~kvcomm_jax.kvcomm.plans.Plan`: dense, full reuse
-or partial reuse, and which tokens are computed in context); builds the reuse cache of
-the whole prompt, with an optional per-slot score that a selection rule ranks tokens
-by; and learns after a call and after each response. The engine only orchestrates.
+or partial reuse, and which tokens are computed in context); gathers the arrays its
+reuse cache is built from (:class:`StepInputs`) and names the rule its selection ranks
+approximated tokens by (the engine runs both in :func:`~kvcomm_jax.kvcomm.reuse_step.reuse_step`);
+and learns after a call and after each response. The engine only orchestrates.
 A new method is one new class registered in :data:`STRATEGIES`.
 
 * :class:`Dense`: always a dense prefill; no anchors, no base KV.
 * :class:`KVComm`: the method: matching + offset correction + re-rotation; its selection
-  rule recomputes the tokens the correction moved most.
+  rule recomputes the tokens the correction moved most (``score_rule = "correction"``).
 * :class:`RotateOnly`: :class:`KVComm`'s plans, but reused KV is only re-positioned,
   never corrected (the ablation); no selection rule.
 * :class:`CacheBlend`: every content re-positioned from its own base KV, no anchors, and
-  CacheBlend's selection rule (:mod:`kvcomm_jax.kvcomm.cacheblend`).
+  CacheBlend's selection rule (:mod:`kvcomm_jax.kvcomm.cacheblend`, ``score_rule = "first_layers"``).
 """
 
 from __future__ import annotations
@@ -23,13 +24,10 @@ from typing import TYPE_CHECKING, Sequence
 import jax
 import jax.numpy as jnp
 
-from kvcomm_jax.kvcomm.cacheblend import first_layers_deviation
 from kvcomm_jax.kvcomm.layout import Span
 from kvcomm_jax.kvcomm.plans import Plan, plan_call
 from kvcomm_jax.kvcomm.reuse import PlaceholderInputs, build_reuse_cache
-from kvcomm_jax.kvcomm.segments import segment_difference, stack_rows
-from kvcomm_jax.kvcomm.timing import timed, timed_donating
-from kvcomm_jax.model.generation import pad_prompts
+from kvcomm_jax.kvcomm.segments import SegmentKV, segment_difference, stack_rows
 
 if TYPE_CHECKING:
     from kvcomm_jax.kvcomm.anchor_store import AnchorStore
@@ -49,20 +47,19 @@ class ReuseContext:
 
 
 @dataclasses.dataclass(frozen=True)
-class BuiltCache:
-    """A reuse cache and what building it cost.
+class StepInputs:
+    """The arrays a batched reuse cache is built from (see :func:`~kvcomm_jax.kvcomm.reuse.build_reuse_cache`).
 
-    cache: ``[L, B, H, S, D]`` holding every prompt token (``lengths`` = prompt lengths);
-      the slots a plan computes hold placeholders until the reuse forward writes them
-    scores: ``[B, S]`` float32 the selection rule ranks approximated slots by (larger:
-      recompute first), or None without a selection rule
-    timings_ms: warm milliseconds per part; compile_ms: time spent compiling
+    placeholders: one :class:`~kvcomm_jax.kvcomm.reuse.PlaceholderInputs` per placeholder, rows on a leading ``B`` axis
+    prefix0: the agent's template prefix 0, frame 0 (shared by the rows)
+    starts: ``[B, 2P]`` int32, where each segment after prefix 0 begins (prompt order)
+    lengths: ``[B]`` int32, the prompt lengths
     """
 
-    cache: "KVCache"
-    scores: jax.Array | None
-    timings_ms: dict
-    compile_ms: float
+    placeholders: tuple[PlaceholderInputs, ...]
+    prefix0: SegmentKV
+    starts: jax.Array
+    lengths: jax.Array
 
 
 class Dense:
@@ -71,13 +68,13 @@ class Dense:
     name = "dense"
     uses_anchors = False
     uses_bases = False
-    selects = False
+    score_rule = None
     default_ratio = 0.0
 
     def decide(self, ctx: ReuseContext, call: "PreparedCall") -> Plan:
         return Plan("dense", "dense mode")
 
-    def build_cache(self, ctx: ReuseContext, calls, capacity: int) -> BuiltCache:
+    def step_inputs(self, ctx: ReuseContext, calls) -> StepInputs:
         raise ValueError("the dense strategy never reuses")
 
     def record(self, ctx: ReuseContext, call: "PreparedCall", cache: "KVCache", row: int, placeholders) -> None:
@@ -93,7 +90,7 @@ class KVComm:
     name = "kvcomm"
     uses_anchors = True
     uses_bases = True
-    selects = True
+    score_rule = "correction"
     default_ratio = 0.0
     apply_offsets = True
 
@@ -127,10 +124,11 @@ class KVComm:
             uncovered=self.uncovered(ctx, call, blockers),
         )
 
-    def _inputs(self, ctx: ReuseContext, calls: Sequence["PreparedCall"]) -> tuple[PlaceholderInputs, ...]:
+    def step_inputs(self, ctx: ReuseContext, calls: Sequence["PreparedCall"]) -> StepInputs:
+        """The arrays the reuse cache of ``calls`` (one agent's, one row each) is built from."""
         agent = calls[0].agent_id
         template_kv = ctx.templates.kv(agent)
-        return tuple(
+        placeholders = tuple(
             PlaceholderInputs(
                 content=stack_rows([c.contents[name].base for c in calls], bucket=ctx.anchors.token_capacity(name)),
                 prefix=template_kv.prefix(i + 1),
@@ -142,33 +140,25 @@ class KVComm:
             )
             for i, name in enumerate(calls[0].layout.placeholders)
         )
-
-    def _assemble(self, ctx: ReuseContext, calls: Sequence["PreparedCall"], capacity: int, with_sizes: bool = False):
-        """Corrected (or re-positioned) segments assembled into the cache of every prompt token.
-
-        One jitted program for the whole batch (:func:`~kvcomm_jax.kvcomm.reuse.build_reuse_cache`):
-        matching, offsets and re-rotation for every placeholder, then assembly; with
-        ``with_sizes`` the scores are how far the correction moved each token.
-        """
-        inputs = self._inputs(ctx, calls)
-        starts = jnp.asarray([[span.start for span in c.layout.after_prefix0()] for c in calls], jnp.int32)  # [B, 2P]
-        lengths = jnp.asarray([len(c.ids) for c in calls], jnp.int32)  # [B]
-        prefix0 = ctx.templates.kv(calls[0].agent_id).prefix(0)
-        (cache, sizes), ms, compile_ms = timed(
-            lambda: build_reuse_cache(
-                inputs, ctx.runner.rope, prefix0, starts, lengths, capacity=capacity, apply_offsets=self.apply_offsets,
-                impl=ctx.runner.config.impl, mesh=ctx.runner.mesh, with_sizes=with_sizes,
-            )
+        return StepInputs(
+            placeholders,
+            template_kv.prefix(0),
+            jnp.asarray([[span.start for span in c.layout.after_prefix0()] for c in calls], jnp.int32),  # [B, 2P]
+            jnp.asarray([len(c.ids) for c in calls], jnp.int32),  # [B]
         )
-        return BuiltCache(cache, sizes, {"correction_assembly": ms}, compile_ms)
 
-    def build_cache(self, ctx: ReuseContext, calls: Sequence["PreparedCall"], capacity: int) -> BuiltCache:
-        """The cache ``[L, B, H, capacity, D]`` of every prompt token, one row per call of one agent.
+    def build_cache(self, ctx: ReuseContext, calls: Sequence["PreparedCall"], capacity: int) -> "KVCache":
+        """The reused cache ``[L, B, H, capacity, D]`` of every prompt token of ``calls``, before anything is computed.
 
-        With a recompute ratio above 0, the scores are how far the correction moved each
-        token (:func:`~kvcomm_jax.kvcomm.reuse.correction_sizes`).
+        Corrected (or only re-positioned) segments assembled after prefix 0; the reuse step
+        builds the same cache inside its program.
         """
-        return self._assemble(ctx, calls, capacity, with_sizes=self.selects and recompute_ratio(ctx, self) > 0)
+        i = self.step_inputs(ctx, calls)
+        cache, _ = build_reuse_cache(
+            i.placeholders, ctx.runner.rope, i.prefix0, i.starts, i.lengths, capacity=capacity,
+            apply_offsets=self.apply_offsets, impl=ctx.runner.config.impl, mesh=ctx.runner.mesh,
+        )
+        return cache
 
     def record(self, ctx: ReuseContext, call: "PreparedCall", cache: "KVCache", row: int, placeholders) -> None:
         """Store ``real - base`` deviations (from ``row`` of ``cache``) for ``placeholders`` whose content is a new anchor.
@@ -200,7 +190,7 @@ class RotateOnly(KVComm):
 
     name = "rotate_only"
     apply_offsets = False
-    selects = False
+    score_rule = None
 
 
 class CacheBlend(KVComm):
@@ -214,26 +204,14 @@ class CacheBlend(KVComm):
     name = "cacheblend"
     uses_anchors = False
     apply_offsets = False
+    score_rule = "first_layers"
     default_ratio = 0.15
-
-    def __init__(self):
-        self._warm: set = set()  # signatures of the donating selection step already compiled
 
     def blockers(self, ctx: ReuseContext, call: "PreparedCall") -> list[str | None]:
         return [None] * len(call.layout.placeholders)
 
     def uncovered(self, ctx: ReuseContext, call: "PreparedCall", blockers) -> list[Span]:
         return []
-
-    def build_cache(self, ctx: ReuseContext, calls: Sequence["PreparedCall"], capacity: int) -> BuiltCache:
-        built = self._assemble(ctx, calls, capacity)
-        tokens, _, lengths = pad_prompts([c.ids for c in calls])  # [B, T], [B]
-        model = ctx.runner.model
-        signature = (tokens.shape, built.cache.keys.shape, str(built.cache.keys.dtype))
-        (cache, scores), ms, compile_ms = timed_donating(
-            lambda c: first_layers_deviation(model.params, tokens, lengths, c, model.config), built.cache, signature, self._warm
-        )
-        return BuiltCache(cache, scores, {**built.timings_ms, "selection": ms}, built.compile_ms + compile_ms)
 
     def record(self, ctx: ReuseContext, call: "PreparedCall", cache: "KVCache", row: int, placeholders) -> None:
         pass

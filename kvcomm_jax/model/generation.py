@@ -138,10 +138,10 @@ def check_prompt_lengths(
             )
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]]):
-    """Right-pad prompts to a length bucket: ``(tokens [B, T], positions [B, T], num_new [B])``."""
+def pad_prompts(prompts: Sequence[Sequence[int]], width: int = 0):
+    """Right-pad prompts to a length bucket, or to ``width`` when larger: ``(tokens [B, T], positions [B, T], num_new [B])``."""
     lengths = np.array([len(p) for p in prompts], np.int32)
-    T = bucket_length(int(lengths.max()), what="prompt")
+    T = max(bucket_length(int(lengths.max()), what="prompt"), width)
     tokens = np.zeros((len(prompts), T), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
