@@ -1,4 +1,4 @@
-"""The model steps an engine runs, on its mesh: dense prefill, the reuse forward, decode, segment extraction.
+"""The model steps an engine runs, on its mesh: dense prefill, a forward over chosen slots, decode, segment extraction.
 
 Every step is a jitted pure function of arrays laid out on the engine's mesh
 (see :mod:`kvcomm_jax.scale.sharding`); the runner holds the placed params, the
@@ -72,13 +72,15 @@ class ModelRunner:
         return first, cache, ms, compile_ms
 
     def recompute(self, prompts: Sequence[Sequence[int]], targets, counts, cache: KVCache, key):
-        """The reuse call's model step: each row's prompt tokens at slots ``targets [B, T]`` computed in context.
+        """The reuse call's forward on its own: each row's prompt tokens at slots ``targets [B, T]`` computed in context.
 
         ``cache`` holds every prompt token of its rows (``lengths`` = prompt lengths); the
         ``counts [B]`` first targets of each row (ascending, the last prompt token last) are
         recomputed in one forward (see :func:`kvcomm_jax.model.transformer.forward`), and
-        the first response token is sampled after the last. ``cache`` is donated. Returns
-        ``(first_tokens [B], cache, ms, compile_ms)``.
+        the first response token is sampled after the last. ``cache`` is donated. The engine
+        runs this forward inside its one-program reuse step
+        (:func:`~kvcomm_jax.kvcomm.reuse_step.reuse_step`); alone, it times a reuse call's
+        floor. Returns ``(first_tokens [B], cache, ms, compile_ms)``.
         """
         ids = np.zeros((len(prompts), cache.capacity), np.int32)  # [B, S]
         for row, prompt in enumerate(prompts):
