@@ -158,9 +158,10 @@ def _short_questions(first: int, count: int) -> list[str]:
 
 def test_a_warm_batched_engine_compiles_nothing_for_new_questions():
     """Batches of 4 requests through two agents: once 20 long questions have filled the pools (their
-    slot axes grown to capacity), 20 new questions in batches of short ones and of short and long
-    mixed run without a compilation: contents are corrected and written at their pools' widths, so
-    a batch of shorter contents meets the programs longer ones compiled."""
+    slot axes grown to capacity) and a batch of short ones has met the forward width short questions
+    need (under half the long ones', so they get their own program), 20 new questions in batches of
+    short ones and of short and long mixed run without a compilation: contents are corrected and
+    written at their pools' widths, so a batch of shorter contents meets the programs longer ones compiled."""
     config = EngineConfig(max_new_tokens=4, ignore_eos=True, gamma=10.0, anchor_capacity=4, exact_question=True,
                           recompute_ratio=0.2)
     engine = KVCommEngine(tiny_loaded_model(), PROMPTS, config)
@@ -177,9 +178,18 @@ def test_a_warm_batched_engine_compiles_nothing_for_new_questions():
         return records
 
     run(_questions(10, 20))
+    with CompileCounter() as counter:
+        run(_short_questions(30, 4))
+    assert counter.count > 0  # the short questions' own forward width
     mixed = [q for pair in zip(_questions(40, 4), _short_questions(40, 4)) for q in pair]
     with CompileCounter() as counter:
         records = run(_short_questions(60, 12) + mixed)
     assert counter.count == 0
     assert all(pool.slots == 4 for pool in engine.pools.values())
     assert sum(r.path == "reuse" for r in records) >= 30  # the steady state reuses
+
+
+def test_step_sizes_settle_on_the_largest_needed_but_never_pad_past_twice_the_need():
+    engine = KVCommEngine(tiny_loaded_model(), PROMPTS, EngineConfig(max_new_tokens=4))
+    assert [engine._settled(("rows", 0), n) for n in (4, 10, 7, 5, 4, 10, 12)] == [4, 10, 10, 10, 4, 10, 12]
+    assert engine._settled(("rows", 1), 3) == 3  # sizes are kept per key

@@ -1,8 +1,8 @@
-"""Length and row buckets."""
+"""Length buckets."""
 
 import pytest
 
-from kvcomm_jax.model.buckets import DEFAULT_BUCKETS, bucket_length, row_bucket
+from kvcomm_jax.model.buckets import DEFAULT_BUCKETS, bucket_length
 
 
 def test_length_buckets_pad_up_and_refuse_what_no_bucket_holds():
@@ -12,9 +12,3 @@ def test_length_buckets_pad_up_and_refuse_what_no_bucket_holds():
         bucket_length(8193, what="prompt")
     with pytest.raises(ValueError, match="must be >= 0"):
         bucket_length(-1)
-
-
-def test_row_buckets_are_the_next_power_of_two():
-    assert [row_bucket(n) for n in range(1, 18)] == [1, 2, 4, 4, 8, 8, 8, 8, 16, 16, 16, 16, 16, 16, 16, 16, 32]
-    with pytest.raises(ValueError, match="at least one row"):
-        row_bucket(0)

@@ -65,7 +65,7 @@ from kvcomm_jax.kvcomm.templates import (
     segment_template,
 )
 from kvcomm_jax.kvcomm.timing import ready, timed
-from kvcomm_jax.model.buckets import bucket_length, row_bucket
+from kvcomm_jax.model.buckets import bucket_length
 from kvcomm_jax.model.generation import check_prompt_lengths, pad_prompts
 from kvcomm_jax.model.kv_cache import KVCache, concat_rows, take_rows
 from kvcomm_jax.model.registry import LoadedModel
@@ -193,7 +193,8 @@ class KVCommEngine:
         buckets += [self.anchors.token_capacity(n) for n, _ in missing]
         capacity = self.runner.capacity(drop + max(len(c.ids) for _, c in missing), buckets)
         prompts = [self._lead_ids + c.ids for _, c in missing]
-        _, cache, _, _ = self.runner.prefill(_padded(prompts), capacity, jax.random.PRNGKey(0))
+        prompts = _padded(prompts, self._settled(("base rows",), len(prompts)))
+        _, cache, _, _ = self.runner.prefill(prompts, capacity, jax.random.PRNGKey(0))
         for row, (name, content) in enumerate(missing):  # bases at their pools' widths: one shape per pool
             width = self.anchors.token_capacity(name)
             content.base = self.runner.extract(cache, Span(drop, len(content.ids)), row=row, width=width)
@@ -259,8 +260,8 @@ class KVCommEngine:
         strategy = strategy or self.strategy
         agent, settle = calls[0].agent_id, all(p.path == "reuse" for p in plans)
 
-        def size(what: str, needed: int) -> int:  # full reuse steps settle per agent; a partial step's may be wide
-            return self._settled((what, agent), needed) if settle else needed
+        def size(what: str, needed: int, bounded: bool = True) -> int:  # full reuse steps settle; a partial step's may be wide
+            return self._settled((what, agent), needed, bounded) if settle else needed
 
         targets, counts = plan_targets(plans)  # [B, W], [B]
         targets = np.pad(targets, ((0, 0), (0, size("width", targets.shape[1]) - targets.shape[1])))
@@ -269,7 +270,8 @@ class KVCommEngine:
         picks = selection_budget(ratio, candidates) if strategy.score_rule else np.zeros(len(calls), np.int32)  # [B]
         extra = size("selected", bucket_length(int(picks.max()), what="selected tokens")) if picks.max() > 0 else 0
         prompts = [c.ids for c in calls]
-        tokens, _, _ = pad_prompts(prompts, width=size("prompt", bucket_length(max(map(len, prompts)), what="prompt")))
+        prompt_width = size("prompt", bucket_length(max(map(len, prompts)), what="prompt"), bounded=False)  # ids: cheap to pad
+        tokens, _, _ = pad_prompts(prompts, width=prompt_width)
         inputs = strategy.step_inputs(self.context, calls)
         model = self.runner.model
         (first, cache), ms, compile_ms = timed(
@@ -291,11 +293,11 @@ class KVCommEngine:
 
         The rows that go dense share one batched prefill, the fully reused rows one batched
         reuse step, the partly reused rows another (their forwards differ in width), and all
-        rows one batched decode. Full reuse steps run a power-of-two number of rows (the last
-        row repeated, its copies' results dropped) at one width per agent, and every step of an
-        agent one cache capacity (each the largest it has needed), so new batches meet compiled
-        programs; partial steps, whose forwards may be wide, run their own rows at their own
-        width. Pool updates are applied after each part in request order; predictions within a
+        rows one batched decode. Full reuse steps run as many rows as the agent's widest (the
+        last row repeated, its copies' results dropped) at one width per agent, and every step of
+        an agent one cache capacity (each the largest it has needed, unless that is more than twice
+        what the step needs: see :meth:`_settled`), so new batches meet compiled programs; partial
+        steps, whose forwards may be wide, run their own rows at their own width. Pool updates are applied after each part in request order; predictions within a
         step see the pools as they were before it. A call's TTFT is its batched part's time. The step's randomness comes from the
         first request's key, so sampled (non-greedy) rows differ from one-by-one runs;
         greedy decoding does not depend on it.
@@ -321,10 +323,10 @@ class KVCommEngine:
                 first, cache, prefill_ms, compile_ms = self.runner.prefill([c.ids for c in mine], capacity, prefill_key)
                 after_ms = self._record_deltas(mine, cache, [range(len(c.layout.placeholders)) for c in mine])
                 parts[path] = (first, cache, {"prefill": prefill_ms}, compile_ms, after_ms, [0] * len(rows))
-            else:  # full reuse rows padded to a bucket by repeating the last, so few batch sizes compile
-                pad = _padded if path == "reuse" else list
+            else:  # full reuse rows padded by repeating the last, so few batch sizes compile
+                padded = self._settled(("rows", agent_id), len(rows)) if path == "reuse" else len(rows)
                 first, cache, breakdown, compile_ms, computed = self.reuse_prefill(
-                    pad(mine), pad([plans[r] for r in rows]), capacity, prefill_key
+                    _padded(mine, padded), _padded([plans[r] for r in rows], padded), capacity, prefill_key
                 )
                 after_ms = self._record_deltas(mine, cache, [plans[r].exact for r in rows])
                 parts[path] = (first, cache, breakdown, compile_ms, after_ms, computed[: len(rows)])
@@ -367,10 +369,12 @@ class KVCommEngine:
             records.append(record)
         return records
 
-    def _settled(self, key: tuple, needed: int) -> int:
-        """The size ``key`` of a step's shape (a capacity, a width): the largest any step has needed, so programs settle."""
-        self._sizes[key] = max(self._sizes.get(key, 0), needed)
-        return self._sizes[key]
+    def _settled(self, key: tuple, needed: int, bounded: bool = True) -> int:
+        """The size ``key`` of a step's shape (rows, a capacity, a width): the largest any step has needed, so
+        programs settle. ``bounded``: unless that is more than twice ``needed``, then ``needed``, so that
+        padding never doubles a step's work (a short content among long ones compiles its own program once)."""
+        largest = self._sizes[key] = max(self._sizes.get(key, 0), needed)
+        return largest if largest <= 2 * needed or not bounded else needed
 
     def _record_deltas(self, calls: Sequence[PreparedCall], cache: KVCache, placeholders) -> float:
         """Deviations for new anchors among each row's ``placeholders`` computed in context; ms per row (outside TTFT)."""
@@ -413,6 +417,6 @@ class KVCommEngine:
         return (ready([c.base for c in contents]) - start) * 1e3 / len(contents)
 
 
-def _padded(items: Sequence) -> list:
-    """``items`` padded to :func:`~kvcomm_jax.model.buckets.row_bucket` rows by repeating the last one."""
-    return [*items, *[items[-1]] * (row_bucket(len(items)) - len(items))]
+def _padded(items: Sequence, rows: int) -> list:
+    """``items`` padded to ``rows`` (at least ``len(items)``) by repeating the last one."""
+    return [*items, *[items[-1]] * (rows - len(items))]

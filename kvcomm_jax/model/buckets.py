@@ -20,10 +20,3 @@ def bucket_length(n: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS, what: str 
         if n <= b:
             return b
     raise ValueError(f"{what} length {n} exceeds the largest bucket ({buckets[-1]} tokens)")
-
-
-def row_bucket(n: int) -> int:
-    """Rows a batch of ``n`` pads to: the next power of two, so few batch sizes ever compile."""
-    if n < 1:
-        raise ValueError(f"a batch needs at least one row, got {n}")
-    return 1 << (n - 1).bit_length()
