@@ -151,7 +151,7 @@ class KVComm:
         """The reused cache ``[L, B, H, capacity, D]`` of every prompt token of ``calls``, before anything is computed.
 
         Corrected (or only re-positioned) segments assembled after prefix 0; the reuse step
-        builds the same cache inside its program.
+        builds the same cache inside its program (then a ``"first_layers"`` rule refreshes layers 0-1).
         """
         i = self.step_inputs(ctx, calls)
         cache, _ = build_reuse_cache(
