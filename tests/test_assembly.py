@@ -97,6 +97,26 @@ def test_segments_land_at_their_starts(case, pad_value):
         assert not np.any(keys[:, :, :, total:]) and not np.any(values[:, :, :, total:])
 
 
+def test_a_batch_assembles_each_row_as_alone():
+    """Rows with their own segments and starts: each row of the batch is that row assembled alone."""
+    rng = np.random.default_rng(3)
+    prefix0 = _segment(rng, 5, 16, 0.0)
+    rows = [[_segment(rng, n, b, 0.0) for n, b in spec] for spec in ([(3, 32), (2, 16)], [(20, 32), (2, 16)])]
+    starts = [_starts([5, 3, 2])[0], _starts([5, 20, 2])[0]]
+    stacked = [
+        SegmentKV(jnp.stack([r[i].keys for r in rows]), jnp.stack([r[i].values for r in rows]), jnp.stack([r[i].length for r in rows]))
+        for i in range(2)
+    ]
+    batch = assemble_cache_batch(prefix0, stacked, jnp.asarray(starts, jnp.int32), jnp.asarray([9, 26], jnp.int32), capacity=64)
+    for b, (segs, row_starts, n) in enumerate(zip(rows, starts, (9, 26))):
+        alone = assemble_cache(prefix0, segs, jnp.asarray(row_starts, jnp.int32), jnp.int32(n), capacity=64)
+        for name in ("keys", "values"):
+            np.testing.assert_array_equal(np.asarray(getattr(batch, name))[:, b], np.asarray(getattr(alone, name))[:, 0])
+        np.testing.assert_array_equal(np.asarray(batch.positions[b]), np.asarray(alone.positions[0]))
+        np.testing.assert_array_equal(np.asarray(batch.positions[b, : n + 1]), np.arange(n + 1))  # one continuous run
+        assert int(batch.lengths[b]) == n
+
+
 def test_later_segment_overwrites_earlier_padding():
     """A long-bucket content whose padding covers the next two segments' slots."""
     rng = np.random.default_rng(5)

@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-import kvcomm_jax.kvcomm.engine as engine_module
 from kvcomm_jax.compile_counter import CompileCounter
 from kvcomm_jax.kvcomm.anchor_pool import empty_pool
 from kvcomm_jax.kvcomm.engine import EngineConfig, KVCommEngine
@@ -130,18 +129,18 @@ def test_reuse_path_uses_the_corrected_cache_and_runs_one_token(warm_engine, mon
     assert float(jnp.abs(logits - logits_p).max()) > 1e-3
 
     widths = []
-    real_step = engine_module.reuse_step
+    real_recompute = warm_engine.runner.recompute
 
-    def recording_step(*args, **kwargs):
-        widths.append((tuple(args[7].shape), kwargs["extra"]))  # targets [B, W], selected tokens
-        return real_step(*args, **kwargs)
+    def recording_recompute(tokens, targets, *args):
+        widths.append(tuple(jnp.shape(targets)))
+        return real_recompute(tokens, targets, *args)
 
-    monkeypatch.setattr(engine_module, "reuse_step", recording_step)
+    monkeypatch.setattr(warm_engine.runner, "recompute", recording_recompute)
     record = warm_engine.run_agent(request, 1)
     assert record.path == "reuse"
-    assert widths and set(widths) == {((1, 1), 0)}  # one-token forwards only (run twice if it compiled)
+    assert widths == [(1, 1)]  # one one-token forward
     assert record.reused_tokens == record.prompt_tokens - 1
-    assert set(record.breakdown_ms) == {"reuse_step"}
+    assert set(record.breakdown_ms) == {"correction_assembly", "forward"}
 
 
 def test_similar_request_reuses_without_recompiling():
@@ -202,7 +201,7 @@ def test_dense_and_rotate_only_modes_share_the_code_path():
             assert dense.run_agent(rd, agent).path == "dense"
             rotate.run_agent(rr, agent)
     assert not dense.pools
-    assert rr.records[0].path == "reuse" and rr.records[0].breakdown_ms["reuse_step"] >= 0
+    assert rr.records[0].path == "reuse" and rr.records[0].breakdown_ms["correction_assembly"] >= 0
     # rotate-only skips the offsets: every reused value (values are never rotated) is its base's, bit for bit
     call = rotate.prepare_call(rr, 1)
     cache = rotate.reuse_cache(call)

@@ -125,7 +125,7 @@ def test_recomputing_every_approximated_token_equals_dense(mode):
     """Ratio 1: the selection adds every token after prefix 0, so the cache is the dense one."""
     engine = _warm(EngineConfig(mode=mode, max_new_tokens=4, gamma=10.0, recompute_ratio=1.0))
     call, plan, (first, cache, breakdown, computed), (dense_first, dense) = _reuse_and_dense(engine, SHORT_QUESTION)
-    assert plan.path == "reuse" and set(breakdown) == {"reuse_step"}
+    assert plan.path == "reuse" and set(breakdown) == {"correction_assembly", "forward"}
     assert computed == len(call.ids) - call.layout.prefix(0).length
     _assert_equals_dense(cache, dense, len(call.ids))
     assert int(first[0]) == int(dense_first[0])
@@ -162,8 +162,9 @@ def test_selective_recompute_adds_the_rounded_share_of_approximated_tokens():
 
 
 @pytest.mark.parametrize("mode, ratio", [("kvcomm", 0.3), ("kvcomm", 0.0), ("cacheblend", 0.3), ("rotate_only", None)])
-def test_the_one_program_step_equals_its_parts_run_one_after_another(mode, ratio):
-    """``reuse_step`` = the strategy's cache, its selection scores, ``add_selected`` and the forward, as separate programs."""
+def test_the_reuse_program_equals_its_parts_run_one_after_another(mode, ratio):
+    """``reuse_cache_and_targets`` then the forward = the strategy's cache, its selection scores,
+    ``add_selected`` and the forward, each a program of its own."""
     engine = _warm(EngineConfig(mode=mode, max_new_tokens=4, gamma=10.0, recompute_ratio=ratio))
     request = engine.new_request(SHORT_QUESTION)
     engine.run_agent(request, 0)
@@ -184,7 +185,7 @@ def test_the_one_program_step_equals_its_parts_run_one_after_another(mode, ratio
         if scores is None:
             scores = _correction_sizes(engine, call)
         targets, counts = add_selected(targets, counts, scores, candidates, picks, extra=int(picks.max()))
-    expected_first, expected, _, _ = engine.runner.recompute([call.ids], targets, counts, parts, key)
+    expected_first, expected, _, _ = engine.runner.recompute(tokens, targets, counts, parts, key)
     assert computed == [int(np.asarray(counts)[0])] and (computed[0] > 1) == bool(ratio)
     assert int(first[0]) == int(expected_first[0])
     n = len(call.ids)

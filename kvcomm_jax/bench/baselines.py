@@ -13,10 +13,7 @@ right after each reuse call, outside its TTFT, it times on the call's very promp
 * **the floor** of the reuse call: one warm one-token forward at the reuse call's cache
   length (``N - 1`` valid slots, the call's capacity), plus the time to read once every
   byte that correction and assembly must read (:func:`correction_reads`: bases, template
-  prefixes, and the usable anchors with this consumer's deltas);
-* **the parts** of the reuse call, which runs as one program: its correction and assembly
-  alone (the strategy's cache built in a program of its own, ``correction_assembly_ms``);
-  for a call that computes only its last token, the rest of its step is the floor's forward.
+  prefixes, and the usable anchors with this consumer's deltas).
 
 Both baselines use the smallest cache that holds the prompt (``N`` slots, or prefix 0's
 bucket if larger), so attention spans no padding slots. Each model step gets its input
@@ -41,7 +38,7 @@ from kvcomm_jax.kvcomm.reuse import assemble_cache
 from kvcomm_jax.kvcomm.runner import ModelRunner
 from kvcomm_jax.kvcomm.segments import SegmentKV, fit_tokens
 from kvcomm_jax.kvcomm.timing import timed, timed_donating
-from kvcomm_jax.model.generation import prefill
+from kvcomm_jax.model.generation import pad_prompts, prefill
 from kvcomm_jax.model.kv_cache import KVCache, init_cache
 from kvcomm_jax.scale import sharding
 
@@ -128,7 +125,8 @@ def reuse_floor(engine, call: PreparedCall, cache: KVCache, key) -> dict:
     Returns ``{"parts_ms": {"forward", "read"}, "bytes", "compile_ms"}``.
     """
     last = len(call.ids) - 1
-    _, _, forward_ms, forward_compile = engine.runner.recompute([call.ids], [[last]], [1], copy_tree(cache), key)
+    tokens, _, _ = pad_prompts([call.ids])  # [1, T]
+    _, _, forward_ms, forward_compile = engine.runner.recompute(tokens, [[last]], [1], copy_tree(cache), key)
     arrays = correction_reads(engine, call)
     _, read_ms, read_compile = timed(lambda: read_all(arrays))
     return {
@@ -166,9 +164,6 @@ class BaselineProbe:
         cached, q0 = self._cached_prefix(engine, call, capacity)
         cached_first, cached_ms, cached_compile = timed_prefill(runner, ids[q0:], q0, copy_tree(cached), key, False, self._warm)
         floor = reuse_floor(engine, call, cache, key)
-        _, assembly_ms, assembly_compile = timed(
-            lambda: engine.strategy.build_cache(engine.context, [call], cache.capacity)
-        )
         reuse_first, dense_first, cached_first = (int(t[0]) for t in jax.device_get((first_token, dense_first, cached_first)))
         return {
             "dense_ttft_ms": dense_ms,
@@ -177,11 +172,7 @@ class BaselineProbe:
             "floor_ms": sum(floor["parts_ms"].values()),
             "floor_parts_ms": floor["parts_ms"],
             "floor_bytes": floor["bytes"],
-            "correction_assembly_ms": assembly_ms,
-            "baseline_compile_ms": {
-                "dense": dense_compile, "dense_prefix_cached": cached_compile, "floor": floor["compile_ms"],
-                "correction_assembly": assembly_compile,
-            },
+            "baseline_compile_ms": {"dense": dense_compile, "dense_prefix_cached": cached_compile, "floor": floor["compile_ms"]},
             "dense_first_token": dense_first,
             "prefix_cached_first_token": cached_first,
             "first_token_agrees": reuse_first == dense_first,

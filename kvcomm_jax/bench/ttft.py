@@ -6,11 +6,8 @@ fixed number of tokens (EOS ignored, so every output has exactly that length).
 The engine runs in ``kvcomm`` mode with the
 :class:`~kvcomm_jax.bench.baselines.BaselineProbe`: right after each reuse call it
 times, on the very same prompt, a dense prefill of the exact prompt, a dense
-prefill with the agent's prefix 0 cached, the reuse call's floor (a one-token
-forward at its cache length plus one read of the bytes its correction reads), and
-the reuse call's correction and assembly alone (the call itself is one program, so
-its parts are timed apart: correction and assembly in a program of their own, and the
-one-token forward of the floor). So
+prefill with the agent's prefix 0 cached, and the reuse call's floor (a one-token
+forward at its cache length plus one read of the bytes its correction reads). So
 every number comes from one process and identical prompts, warm (compilation is
 reported apart). The first requests only create anchors (dense) and one more
 warms up compilation; they count towards no median and are reported apart.
@@ -111,6 +108,7 @@ def copy_machine_prompts(tokenizer: Tokenizer, settings: TTFTSettings) -> list[A
     return prompts
 
 
+BREAKDOWN = ("correction_assembly", "forward")
 BASELINES = ("dense", "dense_prefix_cached")
 
 
@@ -131,7 +129,7 @@ def _compile_ms(records: Sequence[CallRecord]) -> dict:
     baselines = [r.fidelity["baseline_compile_ms"] for r in records if r.fidelity is not None]
     return {
         "kvcomm": sum(r.compile_ms for r in records),
-        **{k: sum(b[k] for b in baselines) for k in (*BASELINES, "floor", "correction_assembly")},
+        **{k: sum(b[k] for b in baselines) for k in (*BASELINES, "floor")},
     }
 
 
@@ -154,10 +152,7 @@ def agent_summary(agent: int, measured: Sequence[CallRecord], all_calls: Sequenc
         "dense_ttft_ms": dense,
         "dense_prefix_cached_ttft_ms": cached,
         "kvcomm_ttft_ms": kvcomm,
-        "breakdown_ms": {  # the step runs as one program: its parts timed apart on the same call
-            "correction_assembly": _median([p["correction_assembly_ms"] for p in probe]),
-            "forward": _median([p["floor_parts_ms"]["forward"] for p in probe]),
-        },
+        "breakdown_ms": {part: _median([r.breakdown_ms[part] for r in reused]) for part in BREAKDOWN},
         "others_ms": _median([r.others_ms for r in measured]),
         "floor_ms": floor,
         "floor_parts_ms": {part: _median([p["floor_parts_ms"][part] for p in probe]) for part in ("forward", "read")},
@@ -240,13 +235,13 @@ def ttft_table(result: dict) -> str:
         [a["agent"], a["prompt_tokens"], fmt(a["dense_ttft_ms"]), fmt(a["dense_prefix_cached_ttft_ms"]),
          fmt(a["kvcomm_ttft_ms"]), fmt(a["floor_ms"]), fmt_ratio(a["speedup_vs_dense"]),
          fmt_ratio(a["speedup_vs_prefix_cached"]), fmt_ratio(a["kvcomm_over_floor"]),
-         *(fmt(a["breakdown_ms"][part]) for part in ("correction_assembly", "forward")), fmt(a["others_ms"]),
+         *(fmt(a["breakdown_ms"][part]) for part in BREAKDOWN), fmt(a["others_ms"]),
          f"{fmt(a['floor_parts_ms']['forward'])} + {fmt(a['floor_parts_ms']['read'])}", f"{a['reused_calls']}/{a['calls']}"]
         for a in result["agents"]
     ]
     table = markdown_table(
         ["agent", "prompt tokens", "dense ms", "prefix-cached dense ms", "KVCOMM ms", "floor ms", "vs dense",
-         "vs prefix-cached", "KVCOMM / floor", "correction + assembly alone ms", "1-token forward ms", "others ms",
+         "vs prefix-cached", "KVCOMM / floor", "correction + assembly ms", "1-token forward ms", "others ms",
          "floor: forward + read ms", "reused"],
         rows,
     )

@@ -42,7 +42,7 @@ from kvcomm_jax.kvcomm.plans import (
 )
 from kvcomm_jax.kvcomm.records import CallRecord
 from kvcomm_jax.kvcomm.request import Content, PreparedCall, Request
-from kvcomm_jax.kvcomm.reuse_step import reuse_step
+from kvcomm_jax.kvcomm.reuse_step import reuse_cache_and_targets
 from kvcomm_jax.kvcomm.runner import ModelRunner
 from kvcomm_jax.kvcomm.strategies import (
     MODES,
@@ -247,15 +247,15 @@ class KVCommEngine:
         self, calls: Sequence[PreparedCall], plans: Sequence[Plan], capacity: int, key, strategy=None,
         ratio: float | None = None,
     ):
-        """The reuse path for a batch of calls, to their first tokens, as one program (:func:`~kvcomm_jax.kvcomm.reuse_step.reuse_step`).
+        """The reuse path for a batch of calls: the strategy's cache, then one forward over each plan's computed tokens.
 
-        The strategy's cache, then one forward over each plan's computed tokens. A strategy
-        with a score rule and a recompute ratio ``r > 0`` adds, per row, the ``round(r *
-        approximated tokens)`` approximated tokens it ranks highest. ``strategy`` and
-        ``ratio`` (default: the engine's) let a probe rebuild the same calls another way.
-        Returns ``(first_tokens [B], cache, breakdown_ms, compile_ms, computed [B])``: the
-        breakdown holds the step's warm time as "reuse_step"; ``computed`` counts each
-        row's tokens computed in context.
+        A strategy with a score rule and a recompute ratio ``r > 0`` adds, per row, the
+        ``round(r * approximated tokens)`` approximated tokens it ranks highest. ``strategy``
+        and ``ratio`` (default: the engine's) let a probe rebuild the same calls another way.
+        Two programs (:func:`~kvcomm_jax.kvcomm.reuse_step.reuse_cache_and_targets`, then the
+        forward over the donated cache). Returns ``(first_tokens [B], cache, breakdown_ms,
+        compile_ms, computed [B])``: the breakdown holds warm times of "correction_assembly"
+        (selection included) and "forward"; ``computed`` counts each row's tokens computed in context.
         """
         strategy = strategy or self.strategy
         agent, settle = calls[0].agent_id, all(p.path == "reuse" for p in plans)
@@ -274,15 +274,17 @@ class KVCommEngine:
         tokens, _, _ = pad_prompts(prompts, width=prompt_width)
         inputs = strategy.step_inputs(self.context, calls)
         model = self.runner.model
-        (first, cache), ms, compile_ms = timed(
-            lambda: reuse_step(
+        (cache, targets, computed), ms, compile_ms = timed(
+            lambda: reuse_cache_and_targets(
                 model.params, inputs.placeholders, self.runner.rope, inputs.prefix0, inputs.starts, inputs.lengths,
-                tokens, jnp.asarray(targets), jnp.asarray(counts), jnp.asarray(candidates), jnp.asarray(picks), key,
+                tokens, jnp.asarray(targets), jnp.asarray(counts), jnp.asarray(candidates), jnp.asarray(picks),
                 capacity=capacity, apply_offsets=strategy.apply_offsets, score_rule=strategy.score_rule, extra=extra,
-                config=model.config, sampling=self.config.sampling, impl=self.config.impl, mesh=self.mesh,
+                config=model.config, impl=self.config.impl, mesh=self.mesh,
             )
         )
-        return first, cache, {"reuse_step": ms}, compile_ms, (counts + picks).tolist()
+        first, cache, forward_ms, compile_forward = self.runner.recompute(tokens, targets, computed, cache, key)
+        breakdown = {"correction_assembly": ms, "forward": forward_ms}
+        return first, cache, breakdown, compile_ms + compile_forward, (counts + picks).tolist()
 
     def run_agent(self, request: Request, agent_id: int) -> CallRecord:
         """One agent call: prefill (dense or reuse), decode, publish the response. Returns its record."""

@@ -19,8 +19,8 @@ class CallRecord:
       (tokens computed in context, the last one included, are not reused)
     recomputed_tokens: tokens a reuse call computed in context (0 for dense)
     ttft_ms: prefill to first token, warm (compilation excluded); breakdown_ms: its parts
-      ("prefill" for dense; "reuse_step" for a reuse or partial call: matching, offsets,
-      re-rotation, assembly, selection and the forward to the first token, one program)
+      ("prefill" for dense; "correction_assembly" (matching, offsets, re-rotation, assembly and
+      a selection rule, one program) and "forward" for a reuse or partial call)
     compile_ms: the call's share of the time its batched part spent compiling new programs (the
       part's time over its rows, so a sum over records counts each compilation once), apart from TTFT
     others_ms: work the call triggers outside its TTFT: base KV and prediction of its

@@ -145,17 +145,11 @@ def correct_segments(
 def assemble_cache(prefix0: SegmentKV, segments, starts, num_cached, *, capacity: int) -> KVCache:
     """One-row cache ``[L, 1, H, capacity, D]`` holding prefix 0 then each segment at ``starts[i]``.
 
-    Segments are written in order with :func:`~kvcomm_jax.model.kv_cache.write_span`, so each
-    one's padding is overwritten by the next; a segment starting at ``s`` holds positions
-    ``s, s+1, ...``; ``lengths = num_cached``. The caller guarantees
-    ``starts[i] + bucket_i <= capacity``.
+    :func:`assemble_cache_batch` of one row: segments ``[L, H, T, D]``, ``starts [len(segments)]``,
+    ``num_cached`` a scalar.
     """
-    L, H, _, D = prefix0.keys.shape
-    zeros = jnp.zeros((L, 1, H, capacity, D), prefix0.keys.dtype)
-    cache = KVCache(zeros, zeros, jnp.zeros((1, capacity), jnp.int32), jnp.zeros((1,), jnp.int32))
-    for segment, start in zip((prefix0, *segments), (0, *starts)):
-        cache = write_span(cache, 0, start, segment.keys, segment.values, _positions(segment, start))
-    return with_lengths(cache, num_cached)
+    rows = [segment.replace(keys=segment.keys[None], values=segment.values[None]) for segment in segments]
+    return assemble_cache_batch(prefix0, rows, starts[None], jnp.reshape(num_cached, (1,)), capacity=capacity)
 
 
 def _row_axes(inputs: PlaceholderInputs) -> PlaceholderInputs:
@@ -181,19 +175,25 @@ def correct_segments_batch(
 
 @functools.partial(jax.jit, static_argnames=("capacity",))
 def assemble_cache_batch(prefix0: SegmentKV, segments, starts, num_cached, *, capacity: int) -> KVCache:
-    """:func:`assemble_cache` for ``B`` rows: a cache ``[L, B, H, capacity, D]``.
+    """A cache ``[L, B, H, capacity, D]`` holding, in each row, prefix 0 then each segment at ``starts[b, i]``.
 
-    ``prefix0`` is shared; each of ``segments`` has a leading ``B`` axis; ``starts``
-    ``[B, len(segments)]``; ``num_cached`` ``[B]``.
+    ``prefix0`` is shared; each of ``segments`` has a leading ``B`` axis (keys, values
+    ``[B, L, H, T, D]``); ``starts [B, len(segments)]``; ``num_cached [B]``. Segments are
+    written in order, row by row, with :func:`~kvcomm_jax.model.kv_cache.write_span` into the
+    cache's own layout (no per-row caches to stack), so each one's padding is overwritten by
+    the next; a segment starting at ``s`` holds positions ``s, s+1, ...``. The caller
+    guarantees ``starts[b, i] + bucket_i <= capacity``.
     """
-    assemble = functools.partial(assemble_cache, capacity=capacity)
-    rows = jax.vmap(assemble, in_axes=(None, 0, 0, 0))(prefix0, segments, starts, num_cached)  # keys [B, L, 1, H, S, D]
-    return KVCache(
-        keys=jnp.moveaxis(rows.keys[:, :, 0], 0, 1),  # [L, B, H, S, D]
-        values=jnp.moveaxis(rows.values[:, :, 0], 0, 1),
-        positions=rows.positions[:, 0],  # [B, S]
-        lengths=rows.lengths[:, 0],  # [B]
-    )
+    L, H, _, D = prefix0.keys.shape
+    B = starts.shape[0]
+    zeros = jnp.zeros((L, B, H, capacity, D), prefix0.keys.dtype)
+    cache = KVCache(zeros, zeros, jnp.zeros((B, capacity), jnp.int32), jnp.zeros((B,), jnp.int32))
+    for b in range(B):
+        cache = write_span(cache, b, 0, prefix0.keys, prefix0.values, _positions(prefix0, 0))
+        for i, segment in enumerate(segments):
+            start = starts[b, i]
+            cache = write_span(cache, b, start, segment.keys[b], segment.values[b], _positions(segment, start))
+    return with_lengths(cache, num_cached)
 
 
 @functools.partial(jax.jit, static_argnames=("capacity",))

@@ -1,13 +1,14 @@
-"""A batched reuse call as one program: cache, selection, and the forward to the first token.
+"""A batched reuse call's cache and computed tokens, as one program.
 
-:func:`reuse_step` runs, for the calls of one agent, everything between reading the
-pools and sampling the first tokens in one jitted program:
+:func:`reuse_cache_and_targets` runs, for the calls of one agent, everything between
+reading the pools and the forward in one jitted program:
 :func:`~kvcomm_jax.kvcomm.reuse.build_reuse_cache` (matching, offsets, re-rotation and
 assembly), a selection rule's scores and :func:`~kvcomm_jax.kvcomm.plans.add_selected`
-when a budget adds tokens, and :func:`~kvcomm_jax.model.generation.prefill` over each
-row's computed tokens. The cache is born inside the program and the forward updates it
-in place: the corrected segments never leave the program, nothing is copied, and the
-host reads nothing back until the first tokens.
+when a budget adds tokens. The forward over the computed tokens is a second program over
+the donated cache (:meth:`~kvcomm_jax.kvcomm.runner.ModelRunner.recompute`): on XLA's CPU
+backend a program holding both copied the whole cache about ten times more (its optimized
+HLO, on the tiny model) and ran agent 5 of ``bench-ttft`` about 60 ms slower than the two
+programs (docs/benchmarks.md §1).
 """
 
 from __future__ import annotations
@@ -15,15 +16,12 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from kvcomm_jax.kvcomm.cacheblend import first_layers_deviation
 from kvcomm_jax.kvcomm.plans import add_selected
 from kvcomm_jax.kvcomm.reuse import build_reuse_cache
 from kvcomm_jax.model.config import ModelConfig
-from kvcomm_jax.model.generation import prefill
-from kvcomm_jax.model.sampling import SamplingConfig
 
 SCORE_RULES = (None, "correction", "first_layers")
 """What a selection ranks approximated tokens by: nothing, how far the anchors' correction
@@ -31,20 +29,17 @@ moved each token, or CacheBlend's layer-1 value deviation (which also refreshes 
 of every prompt token, see :mod:`~kvcomm_jax.kvcomm.cacheblend`)."""
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("capacity", "apply_offsets", "score_rule", "extra", "config", "sampling", "impl", "mesh"),
-)
-def reuse_step(
-    params, inputs, rope, prefix0, starts, lengths, tokens, targets, counts, candidates, picks, key, *,
+@functools.partial(jax.jit, static_argnames=("capacity", "apply_offsets", "score_rule", "extra", "config", "impl", "mesh"))
+def reuse_cache_and_targets(
+    params, inputs, rope, prefix0, starts, lengths, tokens, targets, counts, candidates, picks, *,
     capacity: int, apply_offsets: bool, score_rule: str | None, extra: int, config: ModelConfig,
-    sampling: SamplingConfig, impl: str = "auto", mesh: Mesh | None = None,
+    impl: str = "auto", mesh: Mesh | None = None,
 ):
-    """The reuse path of ``B`` calls of one agent, to their first tokens.
+    """The reuse cache of ``B`` calls of one agent, and the slots each row computes in context.
 
     inputs, rope, prefix0, starts ``[B, 2P]``, lengths ``[B]``: as for
       :func:`~kvcomm_jax.kvcomm.reuse.build_reuse_cache` (``lengths`` = prompt lengths)
-    tokens: ``[B, T]`` int32 the prompts, right-padded (``T`` at least every prompt length)
+    tokens: ``[B, T]`` int32 the prompts, right-padded (read only by the ``"first_layers"`` rule)
     targets ``[B, W]``, counts ``[B]``: the slots each row's plan computes (ascending, the last
       prompt token last; see :func:`~kvcomm_jax.kvcomm.plans.plan_targets`)
     candidates ``[B, capacity]`` bool, picks ``[B]`` int32: the approximated slots a selection
@@ -52,8 +47,7 @@ def reuse_step(
     score_rule: one of :data:`SCORE_RULES`; ``"first_layers"`` refreshes layers 0-1 even when
       nothing is selected
 
-    Returns ``(first_tokens [B], cache [L, B, H, capacity, D])``; row ``b`` computed
-    ``counts[b] + picks[b]`` tokens in context (``counts[b]`` when ``extra`` is 0).
+    Returns ``(cache [L, B, H, capacity, D], targets [B, W + extra], counts [B])``.
     """
     if score_rule not in SCORE_RULES:
         raise ValueError(f"unknown score rule {score_rule!r}; expected one of {SCORE_RULES}")
@@ -67,6 +61,4 @@ def reuse_step(
         if scores is None:
             raise ValueError("a selection budget needs a score rule")
         targets, counts = add_selected(targets, counts, scores, candidates, picks, extra=extra)
-    computed = jnp.take_along_axis(tokens, targets, axis=1)  # [B, W + extra]
-    first, _, cache = prefill(params, computed, targets, counts, cache, key, config, sampling, targets=targets)
-    return first, cache
+    return cache, targets, counts

@@ -1,4 +1,4 @@
-"""The model steps an engine runs, on its mesh: dense prefill, a forward over chosen slots, decode, segment extraction.
+"""The model steps an engine runs, on its mesh: dense prefill, the reuse forward, decode, segment extraction.
 
 Every step is a jitted pure function of arrays laid out on the engine's mesh
 (see :mod:`kvcomm_jax.scale.sharding`); the runner holds the placed params, the
@@ -12,7 +12,6 @@ import dataclasses
 from typing import Sequence
 
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
 
 from kvcomm_jax.kvcomm.config import EngineConfig
@@ -71,27 +70,24 @@ class ModelRunner:
         (first, cache), ms, compile_ms = timed(step)
         return first, cache, ms, compile_ms
 
-    def recompute(self, prompts: Sequence[Sequence[int]], targets, counts, cache: KVCache, key):
-        """The reuse call's forward on its own: each row's prompt tokens at slots ``targets [B, T]`` computed in context.
+    def recompute(self, tokens, targets, counts, cache: KVCache, key):
+        """The reuse call's forward: each row's prompt tokens at slots ``targets [B, W]`` computed in context.
 
+        ``tokens [B, T]``: the prompts, right-padded (e.g. by :func:`~kvcomm_jax.model.generation.pad_prompts`);
         ``cache`` holds every prompt token of its rows (``lengths`` = prompt lengths); the
         ``counts [B]`` first targets of each row (ascending, the last prompt token last) are
         recomputed in one forward (see :func:`kvcomm_jax.model.transformer.forward`), and
-        the first response token is sampled after the last. ``cache`` is donated. The engine
-        runs this forward inside its one-program reuse step
-        (:func:`~kvcomm_jax.kvcomm.reuse_step.reuse_step`); alone, it times a reuse call's
-        floor. Returns ``(first_tokens [B], cache, ms, compile_ms)``.
+        the first response token is sampled after the last. ``cache`` is donated: the forward
+        writes into it in place. Returns ``(first_tokens [B], cache, ms, compile_ms)``.
         """
-        ids = np.zeros((len(prompts), cache.capacity), np.int32)  # [B, S]
-        for row, prompt in enumerate(prompts):
-            ids[row, : len(prompt)] = prompt
-        ids, targets, counts = jnp.asarray(ids), jnp.asarray(targets, jnp.int32), jnp.asarray(counts, jnp.int32)
-        signature = (targets.shape, cache.keys.shape, str(cache.keys.dtype))
+        tokens, targets, counts = (jnp.asarray(a, jnp.int32) for a in (tokens, targets, counts))
+        signature = (tokens.shape, targets.shape, cache.keys.shape, str(cache.keys.dtype))
 
         def step(c):
-            tokens = jnp.take_along_axis(ids, targets, axis=1)  # [B, T]
+            computed = jnp.take_along_axis(tokens, targets, axis=1)  # [B, W]
             return prefill(
-                self.model.params, tokens, targets, counts, c, key, self.model.config, self.config.sampling, targets=targets
+                self.model.params, computed, targets, counts, c, key, self.model.config, self.config.sampling,
+                targets=targets,
             )
 
         (first, _, cache), ms, compile_ms = timed_donating(step, cache, signature, self._warm)

@@ -39,7 +39,8 @@ class SegmentKV:
 
     @property
     def bucket(self) -> int:
-        return self.keys.shape[2]
+        """Padded tokens (the token axis, of one segment or of a stack of them)."""
+        return self.keys.shape[-2]
 
 
 def fit_tokens(x: jax.Array, tokens: int) -> jax.Array:

@@ -3,7 +3,7 @@
 A strategy plans each call (:class:`~kvcomm_jax.kvcomm.plans.Plan`: dense, full reuse
 or partial reuse, and which tokens are computed in context); gathers the arrays its
 reuse cache is built from (:class:`StepInputs`) and names the rule its selection ranks
-approximated tokens by (the engine runs both in :func:`~kvcomm_jax.kvcomm.reuse_step.reuse_step`);
+approximated tokens by (the engine runs both in :func:`~kvcomm_jax.kvcomm.reuse_step.reuse_cache_and_targets`);
 and learns after a call and after each response. The engine only orchestrates.
 A new method is one new class registered in :data:`STRATEGIES`.
 
