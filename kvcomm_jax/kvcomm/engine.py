@@ -295,12 +295,13 @@ class KVCommEngine:
 
         The rows that go dense share one batched prefill, the fully reused rows one batched
         reuse step, the partly reused rows another (their forwards differ in width), and all
-        rows one batched decode. Full reuse steps run as many rows as the agent's widest (the
-        last row repeated, its copies' results dropped) at one width per agent, and every step of
-        an agent one cache capacity (each the largest it has needed, unless that is more than twice
-        what the step needs: see :meth:`_settled`), so new batches meet compiled programs; partial
-        steps, whose forwards may be wide, run their own rows at their own width. Pool updates are applied after each part in request order; predictions within a
-        step see the pools as they were before it. A call's TTFT is its batched part's time. The step's randomness comes from the
+        rows one batched decode. Full reuse steps run as many rows as the agent's largest full
+        reuse step (the last row repeated, its copies' results dropped) at one width per agent,
+        and every step of an agent one cache capacity: each size the largest it has needed,
+        unless that is more than twice what the step needs (see :meth:`_settled`), so new batches
+        meet compiled programs; partial steps, whose forwards may be wide, run their own rows at
+        their own width. Pool updates are applied after each part in request order; predictions
+        within a step see the pools as they were before it. A call's TTFT is its batched part's time. The step's randomness comes from the
         first request's key, so sampled (non-greedy) rows differ from one-by-one runs;
         greedy decoding does not depend on it.
         """
