@@ -17,7 +17,7 @@ _NUMBER = r"-?\$?(?:\d+(?:,\d{3}(?!\d))*(?:\.\d+)?|\.\d+)"
 _ANY_NUMBER = re.compile(rf"(?<![\w.]){_NUMBER}")
 _ANSWER_IS = re.compile(rf"answer is[\s:*]*({_NUMBER})", re.I)
 
-_END_WITH_ANSWER = 'End with "The answer is N", where N is a number.'
+_END_WITH_ANSWER = 'Finish with "The answer is" followed by the final number itself.'
 
 
 def normalize_number(text: str) -> str | None:
