@@ -15,6 +15,7 @@ from kvcomm_jax.bench.study import (
     study_table,
 )
 from kvcomm_jax.kvcomm.config import EngineConfig
+from kvcomm_jax.kvcomm.reuse_step import reuse_cache_and_targets
 from kvcomm_jax.kvcomm.selection_probe import VARIANTS, SelectionProbe
 from kvcomm_jax.testing import tiny_loaded_model
 
@@ -47,10 +48,11 @@ def test_study_runs_each_plan_on_the_same_questions_and_reports_them(tmp_path):
     summary, results = run_study(
         tiny_loaded_model(), task, graph, examples, plans, EngineConfig(max_new_tokens=4),
         batch_size=2, fidelity_tokens=4, progress=False, compare_selection=True,
-        after_plan=lambda so_far: saved.append(list(so_far)),
+        after_plan=lambda so_far: saved.append((list(so_far), reuse_cache_and_targets._cache_size())),
     )
     assert list(results) == ["dense", "kvcomm_exact_r0.1", "cacheblend_0.15"]  # dense first
-    assert saved == [["dense"], ["dense", "kvcomm_exact_r0.1"], list(results)]  # each plan saved as it ends
+    # each plan saved as it ends, its compiled programs dropped (the reuse plans compile the reuse step)
+    assert saved == [(["dense"], 0), (["dense", "kvcomm_exact_r0.1"], 0), (list(results), 0)]
     for name, rows in results.items():
         assert [row.example_id for row in rows] == ["q0", "q1"]
     blend = [r for row in results["cacheblend_0.15"] for r in row.records]

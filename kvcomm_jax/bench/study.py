@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
+import jax
+
 from kvcomm_jax.agents.graphs import AgentGraph
 from kvcomm_jax.agents.pipeline import QuestionResult, run_pipeline, summarize
 from kvcomm_jax.agents.tasks import Example, Task
@@ -65,6 +67,12 @@ def run_study(
     ``compare_selection``: compare selection rules on the reuse calls of the ``kvcomm`` plans
     (see :func:`selection_table`). ``after_plan``, when given, is called with the results so far after each plan, so a long
     study can save what it has measured before it ends.
+
+    Each plan's compiled programs are dropped when it ends (``jax.clear_caches``): a plan
+    compiles hundreds of programs, every XLA:CPU executable holds memory mappings of its
+    own, and a study of many plans in one process would otherwise pass the kernel's limit
+    on mappings per process (``vm.max_map_count``), where compilation fails with "Cannot
+    allocate memory" however much memory is free.
     """
     check_plans(plans)
     results: dict[str, list[QuestionResult]] = {}
@@ -76,6 +84,7 @@ def run_study(
             compare_selection=compare_selection,
         )
         results[name] = rows[mode]
+        jax.clear_caches()
         if after_plan is not None:
             after_plan(results)
     return summarize(results, graph.topological_order()), results
